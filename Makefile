@@ -1,0 +1,20 @@
+# One command for a fresh machine: `make test` sets up .venv (scripts/setup_env.sh) and runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MOE_APPS_DATA ?= $(abspath ../shared/data)
+
+.PHONY: setup test lint train clean
+setup:
+	bash scripts/setup_env.sh
+
+test: setup
+	$(PY) -m pytest -q -n 2 --timeout=900
+
+lint: setup
+	$(VENV)/bin/ruff check moe_core moe_apps tests benchmarks examples
+
+train: setup
+	$(VENV)/bin/moe-apps recsys train
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,123 @@
+"""The `Routing` record every router returns, and the input checks routers and layers share.
+
+Shape legend used across moe_core: B batch, N sequence length, T tokens (all leading dims of the
+input flattened), D model width, H expert hidden width, E experts, K experts per token (top-k),
+C tokens per expert (capacity, or the expert-choice bucket size), S assignment slots.
+
+A `Routing` describes *who goes where with what weight*, in one of two forms:
+
+* token choice (softmax/dense, Gumbel, top-k, Switch, hierarchical, hash routers): every token picks
+  K experts, ``expert_indices_TK`` / ``combine_weights_TK``;
+* expert choice (Zhou et al. 2022): every expert picks C tokens, ``token_indices_EC`` /
+  ``combine_weights_EC``.
+
+Both flatten to the same list of (token, expert, weight) assignment slots (`assignments()`), which is
+what the dispatch in `moe_core.dispatch` consumes. For token choice the slots are ordered k-major
+(slot ``s = k * T + t``), so that a stable sort by expert keeps every token's first choice ahead of
+any second choice: capacity dropping then drops second choices first (GShard's priority).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a router decided for T tokens over E experts.
+
+    Attributes:
+        probs_TE: router probabilities over all experts (rows sum to 1 for softmax routers; one-hot
+            for hash routing). Used by the balance losses and the diagnostics.
+        logits_TE: raw router logits before any softmax (for the z-loss); None if the router has none.
+        expert_indices_TK: token choice, the K experts each token goes to (int64).
+        combine_weights_TK: token choice, the weight of each of those experts in the token's output.
+        token_indices_EC: expert choice, the C tokens each expert takes (int64).
+        combine_weights_EC: expert choice, the weight of each taken token in its output.
+        num_experts: E.
+    """
+
+    probs_TE: Tensor
+    logits_TE: Tensor | None = None
+    expert_indices_TK: Tensor | None = None
+    combine_weights_TK: Tensor | None = None
+    token_indices_EC: Tensor | None = None
+    combine_weights_EC: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        token_choice = self.expert_indices_TK is not None
+        expert_choice = self.token_indices_EC is not None
+        if token_choice == expert_choice:
+            raise ValueError(
+                "Routing needs exactly one of expert_indices_TK (token choice) or "
+                "token_indices_EC (expert choice)"
+            )
+        if token_choice and (
+            self.combine_weights_TK is None
+            or self.combine_weights_TK.shape != self.expert_indices_TK.shape
+        ):
+            raise ValueError("combine_weights_TK must be given with the shape of expert_indices_TK")
+        if expert_choice and (
+            self.combine_weights_EC is None
+            or self.combine_weights_EC.shape != self.token_indices_EC.shape
+        ):
+            raise ValueError("combine_weights_EC must be given with the shape of token_indices_EC")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.probs_TE.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs_TE.shape[1]
+
+    @property
+    def is_expert_choice(self) -> bool:
+        return self.token_indices_EC is not None
+
+    @property
+    def top_k(self) -> int:
+        """K for token choice; for expert choice, the average number of experts per token."""
+        if self.expert_indices_TK is not None:
+            return self.expert_indices_TK.shape[1]
+        return max(1, round(self.token_indices_EC.numel() / max(self.num_tokens, 1)))
+
+    def assignments(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Flatten to slots: ``(token_S, expert_S, weight_S)``.
+
+        Token choice is k-major (slot ``k * T + t``); expert choice is expert-major (slot ``e * C + c``).
+        """
+        if self.expert_indices_TK is not None:
+            T, K = self.expert_indices_TK.shape
+            token_S = torch.arange(T, device=self.probs_TE.device).repeat(K)
+            return token_S, self.expert_indices_TK.t().reshape(-1), self.combine_weights_TK.t().reshape(-1)
+        E, C = self.token_indices_EC.shape
+        expert_S = torch.arange(E, device=self.probs_TE.device).repeat_interleave(C)
+        return self.token_indices_EC.reshape(-1), expert_S, self.combine_weights_EC.reshape(-1)
+
+
+def check_features(x: Tensor, d_model: int, *, name: str = "x", where: str = "input") -> None:
+    """Raise a ValueError that says what is wrong unless ``x`` is a float tensor ``(..., d_model)``."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(
+            f"{where}: {name} must be a floating-point tensor (float32/bfloat16/float16), got {x.dtype}; "
+            f"cast it with {name}.float()"
+        )
+    if x.dim() < 1 or x.shape[-1] != d_model:
+        raise ValueError(
+            f"{where}: {name} must have shape (..., d_model={d_model}), got {tuple(x.shape)}"
+        )
+
+
+def check_positive_int(value: int, name: str, *, minimum: int = 1, maximum: int | None = None) -> None:
+    """Raise a ValueError naming ``name`` unless ``minimum <= value <= maximum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {allowed}, got {value}")

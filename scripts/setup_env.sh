@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up .venv for moe-apps on a fresh machine: torch 2.14.1 + torchvision 0.29.1, torchrec 1.9.2 with the
+# fbgemm build that loads here (fbgemm-gpu-cpu without an NVIDIA driver, fbgemm-gpu with one), then the
+# project in editable mode with its dev tools. Idempotent: a stamp skips the work when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+  FBGEMM="fbgemm-gpu==1.9.0"
+else
+  FBGEMM="fbgemm-gpu-cpu==1.9.0"
+fi
+
+stamp="$VENV/.moe-apps-setup"
+want="$(cat pyproject.toml scripts/constraints.txt scripts/setup_env.sh | sha256sum | cut -c1-16) $FBGEMM"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import torchrec, moe_core, moe_apps" 2>/dev/null; then
+  echo "setup: $VENV is up to date ($FBGEMM)"
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -c scripts/constraints.txt)
+echo "setup: torch 2.14.1, torchvision 0.29.1"
+"${PIP[@]}" -q torch==2.14.1 torchvision==0.29.1
+echo "setup: $FBGEMM, torchrec 1.9.2"
+# torchrec's metadata asks for the CUDA fbgemm-gpu wheel; install it without dependencies and add its
+# other needs by hand, so that only the fbgemm build chosen above is present.
+if [ "$FBGEMM" = "fbgemm-gpu-cpu==1.9.0" ]; then
+  "$VENV/bin/python" -m pip uninstall -q -y fbgemm-gpu 2>/dev/null || true
+fi
+"${PIP[@]}" -q "$FBGEMM"
+"${PIP[@]}" -q --no-deps torchrec==1.9.2
+"${PIP[@]}" -q tensordict torchmetrics==1.0.3 tqdm pyre-extensions
+echo "setup: moe-apps (editable) with dev tools"
+"${PIP[@]}" -q -e ".[dev]"
+"$VENV/bin/python" -c "import torch, torchvision, torchrec; print('setup: torch', torch.__version__, 'torchvision', torchvision.__version__, 'torchrec', torchrec.__version__)"
+echo "$want" > "$stamp"

@@ -1,0 +1,48 @@
+"""Imports flow one way: moe_core (torch only) <- moe_apps apps <- CLI."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imported_top_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+CORE_FILES = sorted((ROOT / "moe_core").rglob("*.py"))
+APP_FILES = sorted(p for p in (ROOT / "moe_apps").rglob("*.py") if p.name != "cli.py")
+STDLIB_OK = {"__future__", "abc", "collections", "dataclasses", "enum", "functools", "itertools", "math",
+             "typing", "warnings", "contextlib", "numbers", "operator"}
+
+
+@pytest.mark.parametrize("path", CORE_FILES, ids=lambda p: p.name)
+def test_moe_core_imports_only_torch_and_stdlib(path: Path) -> None:
+    for name in _imported_top_modules(path):
+        top = name.split(".")[0]
+        assert top in {"torch", "moe_core"} | STDLIB_OK, f"{path.name} imports {name}: moe_core may use torch only"
+
+
+@pytest.mark.parametrize("path", APP_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_apps_never_import_the_cli(path: Path) -> None:
+    for name in _imported_top_modules(path):
+        assert name != "moe_apps.cli", f"{path} imports the CLI root; the CLI sits on top of the apps"
+
+
+def test_moe_core_runs_without_moe_apps() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, moe_core; assert not any(m.startswith('moe_apps') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
