@@ -1,7 +1,10 @@
 # One command for a fresh machine: `make test` sets up .venv (scripts/setup_env.sh) and runs the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Use the project's shared offline data folder when it exists (and the user has not chosen one).
+ifneq ($(wildcard ../shared/data),)
 export MOE_APPS_DATA ?= $(abspath ../shared/data)
+endif
 
 .PHONY: setup test lint train clean
 setup:

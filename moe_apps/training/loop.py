@@ -1,0 +1,391 @@
+"""`fit`: the one training loop every app shares (device, bf16 autocast, seeding, optimizer and
+schedule, gradient clipping, MoE aux losses, early stopping, exact checkpoint/resume, progress,
+run folder).
+
+Per step the loss is ``task.training_loss(model, batch)`` plus
+``weighted_aux_loss(collect_aux_losses(model), coefficients)`` (moe_core.losses: the load-balancing
+loss of Switch Transformer, Fedus et al. 2021, and the router z-loss of ST-MoE, Zoph et al. 2022).
+
+Run folder: ``config.json`` (written by the app), ``metrics.jsonl`` (one line per epoch),
+``checkpoints/last.pt`` (everything to resume), ``checkpoints/best.pt`` (weights of the best
+epoch), ``curves.png``. Resume is exact: ``train_batches(epoch)`` must give the same batches in the
+same order for the same (seed, epoch), so the loop replays the epoch's iterator past the steps
+already done and restores the RNG, optimizer and scheduler states saved after the last of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moe_apps.training.checkpoint import (
+    atomic_write,
+    check_compatible,
+    normalize_config,
+    read_checkpoint,
+    save_checkpoint,
+)
+from moe_apps.training.config import FitResult, Task, TrainConfig
+from moe_apps.training.plots import plot_curves
+from moe_apps.training.runtime import (
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    resolve_device,
+    rng_state,
+    set_rng_state,
+    set_seed,
+)
+from moe_core.diagnostics import RoutingStats, StatsAccumulator
+from moe_core.losses import collect_aux_losses, weighted_aux_loss
+
+ROUTING_KEYS = ("load_cv", "dead_experts", "dropped_fraction", "entropy")
+PLOT_EVERY_S = 30.0  # redraw curves.png at an epoch end at most this often (and always at the end)
+
+
+@dataclass
+class _RunState:
+    """Where a run stands; all of it goes into checkpoints/last.pt."""
+
+    epoch: int = 0  # 0-based index of the epoch being trained (== epochs done)
+    step_in_epoch: int = 0  # steps of that epoch already done
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None  # from 1
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+    sums: dict[str, Tensor] = field(default_factory=dict)  # running float64 sums of this epoch
+    metric_sums: dict[str, float] = field(default_factory=dict)  # of the task's training metrics
+    routing: dict[str, StatsAccumulator] = field(default_factory=dict)  # per MoE layer name
+    seconds: float = 0.0  # time spent in this epoch before a resume
+
+
+def _to_device(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
+    for batch in batches:
+        if not callable(getattr(batch, "to", None)):
+            raise ValueError(
+                f"batches must have a .to(device) method (a typed batch dataclass), got {type(batch).__name__}"
+            )
+        yield batch.to(device)
+
+
+def _count_steps(train_batches: Callable[[int], Iterable[Any]]) -> int:
+    batches = train_batches(0)
+    try:
+        count = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        count = sum(1 for _ in batches)
+    if count < 1:
+        raise ValueError("train_batches(0) gave no batches; the training set is empty")
+    return count
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+class _Trainer:
+    """One `fit` call: holds the objects a run needs so that the steps read as plain methods."""
+
+    def __init__(self, model: nn.Module, task: Task, config: TrainConfig, run_dir: Path, *,
+                 app: str, model_config: dict[str, Any], device: torch.device, total_steps: int,
+                 console: Any) -> None:
+        self.model, self.task, self.config, self.run_dir = model, task, config, run_dir
+        self.app, self.model_config, self.device, self.console = app, model_config, device, console
+        self.last_path = run_dir / "checkpoints" / "last.pt"
+        self.best_path = run_dir / "checkpoints" / "best.pt"
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.total_steps = total_steps
+        self.coefficients = dict(config.aux_loss_coefficients)
+        weighted_aux_loss({}, self.coefficients)  # a typo in a coefficient name fails here, not later
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, total_steps)
+        self.run = _RunState()
+        self.last_plot = -math.inf
+
+    # ----- checkpoints -------------------------------------------------------------------------
+    def _metadata(self) -> dict[str, Any]:
+        run = self.run
+        return {
+            "app": self.app, "model_config": self.model_config, "train_config": asdict(self.config),
+            "epoch": run.epoch, "step_in_epoch": run.step_in_epoch, "global_step": run.global_step,
+            "best_metric": run.best_metric, "best_epoch": run.best_epoch,
+            "best_metrics": dict(run.best_metrics), "bad_epochs": run.bad_epochs,
+            "stopped_early": run.stopped_early, "history": [dict(row) for row in run.history],
+        }
+
+    def check_finite(self) -> None:
+        """FloatingPointError (before anything is saved) if the epoch's running sums went NaN/inf."""
+        bad = [k for k, v in self.run.sums.items() if not torch.isfinite(v)]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite {', '.join(bad)} in epoch {self.run.epoch + 1} by step "
+                f"{self.run.step_in_epoch}; lower lr, turn on grad_clip, or check the data"
+            )
+
+    def save_last(self) -> None:
+        self.check_finite()
+        save_checkpoint(self.last_path, {
+            **self._metadata(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "sums": {k: v.detach().cpu() for k, v in self.run.sums.items()},
+            "metric_sums": dict(self.run.metric_sums),
+            "routing": {name: dict(vars(acc)) for name, acc in self.run.routing.items()},
+            "seconds": self.run.seconds,
+        })
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        step = self.scheduler.last_epoch  # follow the current config's schedule from here
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base_lr * self.scheduler.lr_lambdas[0](step)
+        self.run = _RunState(
+            epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
+            global_step=state["global_step"], best_metric=state["best_metric"],
+            best_epoch=state["best_epoch"], best_metrics=dict(state["best_metrics"]),
+            bad_epochs=state["bad_epochs"], stopped_early=state["stopped_early"],
+            history=[dict(row) for row in state["history"]],
+            sums={k: v.to(self.device) for k, v in state["sums"].items()},
+            metric_sums=dict(state["metric_sums"]), seconds=state["seconds"],
+        )
+        for name, fields in state["routing"].items():
+            self.run.routing[name] = StatsAccumulator()
+            vars(self.run.routing[name]).update(fields)
+        lines = "".join(json.dumps(row) + "\n" for row in self.run.history)
+        atomic_write(self.metrics_path, lambda f: f.write(lines.encode()))
+
+    # ----- one step / one epoch ----------------------------------------------------------------
+    def _add(self, name: str, value: Tensor) -> None:
+        value = value.detach().double()
+        total = self.run.sums.get(name)
+        self.run.sums[name] = value if total is None else total + value
+
+    def train_step(self, batch: Any) -> None:
+        self.model.train()
+        for module in self.model.modules():  # a layer this forward skips must not add stale values
+            if getattr(module, "last_aux_losses", None) is not None:
+                module.last_aux_losses = None
+            if getattr(module, "last_stats", None) is not None:
+                module.last_stats = None
+        with autocast(self.device, self.config.precision):
+            task_loss, metrics = self.task.training_loss(self.model, batch)
+            if not isinstance(task_loss, Tensor) or task_loss.dim() != 0:
+                raise ValueError(
+                    "Task.training_loss must return (scalar loss tensor, dict of metrics), got a "
+                    f"{type(task_loss).__name__} of shape {tuple(getattr(task_loss, 'shape', ()))}"
+                )
+            aux = collect_aux_losses(self.model)
+            loss = task_loss + weighted_aux_loss(aux, self.coefficients) if aux else task_loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            self._add("grad_norm", torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self._add("train_loss", loss)
+        for name, value in aux.items():
+            self._add(f"aux_{name}", value)
+        for name, value in metrics.items():
+            self.run.metric_sums[f"train_{name}"] = self.run.metric_sums.get(f"train_{name}", 0.0) + float(value)
+        for name, module in self.model.named_modules():
+            stats = getattr(module, "last_stats", None)
+            if isinstance(stats, RoutingStats):
+                self.run.routing.setdefault(name or "model", StatsAccumulator()).update(stats)
+        self.run.step_in_epoch += 1
+        self.run.global_step += 1
+
+    def validate(self, val_batches: Callable[[], Iterable[Any]]) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.config.precision):
+            metrics = self.task.evaluate(self.model, _to_device(val_batches(), self.device))
+        if not isinstance(metrics, Mapping) or self.config.monitor not in metrics:
+            keys = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
+            raise ValueError(
+                f"TrainConfig.monitor={self.config.monitor!r} is not among the validation metrics "
+                f"Task.evaluate returned ({keys}); set monitor to one of them"
+            )
+        return {name: float(value) for name, value in metrics.items()}
+
+    def end_epoch(self, metrics: dict[str, float], seconds: float) -> str:
+        """Log the epoch, update best / early stopping, write checkpoints, metrics and curves."""
+        run, config = self.run, self.config
+        self.check_finite()
+        steps = run.step_in_epoch
+        row: dict[str, float] = {"epoch": run.epoch + 1}
+        row.update({k: (v / steps).item() for k, v in sorted(run.sums.items())})
+        row.update({k: v / steps for k, v in sorted(run.metric_sums.items())})
+        for layer, accumulator in sorted(run.routing.items()):
+            summary = accumulator.summary()
+            row.update({f"routing_{layer}_{k}": float(summary[k]) for k in ROUTING_KEYS})
+        row.update({f"val_{k}": v for k, v in metrics.items()})
+        row["lr"] = self.scheduler.base_lrs[0] * lr_factor(
+            run.global_step - 1, schedule=config.schedule, warmup_steps=config.warmup_steps,
+            total_steps=self.total_steps,
+        )
+        row["seconds"] = seconds
+        value = metrics[config.monitor]
+        improved = _is_better(value, run.best_metric, config.monitor_mode)
+        run.history.append(row)
+        run.epoch, run.step_in_epoch = run.epoch + 1, 0
+        run.sums, run.metric_sums, run.routing, run.seconds = {}, {}, {}, 0.0
+        if improved:
+            run.best_metric, run.best_epoch, run.best_metrics = value, run.epoch, dict(metrics)
+            run.bad_epochs = 0
+            save_checkpoint(self.best_path, {**self._metadata(), "model": self.model.state_dict()})
+        else:
+            run.bad_epochs += 1
+        run.stopped_early = config.patience is not None and run.bad_epochs >= config.patience
+        self.save_last()
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        if time.perf_counter() - self.last_plot >= PLOT_EVERY_S:
+            self.plot()
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
+                          if k not in ("epoch", "seconds", "lr") and not k.startswith("routing_"))
+        mark = " *" if improved else ""
+        stop = f"  early stop ({run.bad_epochs} epochs without a better {config.monitor})" if run.stopped_early else ""
+        return f"epoch {run.epoch}/{config.epochs}  {shown}  lr {row['lr']:.3g}  {seconds:.1f}s{mark}{stop}"
+
+    def plot(self) -> None:
+        if self.run.history:
+            plot_curves(self.run.history, self.run_dir / "curves.png", monitor=self.config.monitor,
+                        best_epoch=self.run.best_epoch)
+            self.last_plot = time.perf_counter()
+
+    def train_epoch(self, batches: Iterable[Any], resumed_state: Mapping[str, Any] | None,
+                    progress: Any, steps_per_epoch: int, started: float) -> None:
+        """Train the rest of epoch ``run.epoch``; on resume, skip its done steps and then restore RNG."""
+        run, config = self.run, self.config
+        iterator = iter(batches)
+        if resumed_state is not None:
+            # Replay the iterator past the done steps (data order depends on (seed, epoch) only),
+            # then restore the RNG exactly as it was right after the last done step.
+            for _ in islice(iterator, run.step_in_epoch):
+                pass
+            set_rng_state(resumed_state["rng"])
+        task_id = progress.add_task(f"epoch {run.epoch + 1}/{config.epochs}", total=steps_per_epoch,
+                                    completed=run.step_in_epoch, loss="")
+        for batch in _to_device(iterator, self.device):
+            self.train_step(batch)
+            progress.update(task_id, advance=1)
+            if run.step_in_epoch % config.log_every == 0:
+                mean = (run.sums["train_loss"] / run.step_in_epoch).item()
+                progress.update(task_id, loss=f"loss {mean:.4f}")
+                if not config.progress:
+                    self.console.print(f"epoch {run.epoch + 1} step {run.step_in_epoch}: loss {mean:.4f}")
+            if config.checkpoint_every is not None and run.global_step % config.checkpoint_every == 0:
+                run.seconds = time.perf_counter() - started
+                self.save_last()
+        progress.remove_task(task_id)
+        if run.step_in_epoch == 0:
+            raise ValueError(f"train_batches({run.epoch}) gave no batches; the training set is empty")
+
+
+def fit(model: nn.Module, task: Task, train_batches: Callable[[int], Iterable[Any]],
+        val_batches: Callable[[], Iterable[Any]], config: TrainConfig, run_dir: str | Path, *,
+        app: str, model_config: Mapping[str, Any], resume: bool = False, console: Any = None) -> FitResult:
+    """Train ``model`` on ``task`` for ``config.epochs`` epochs (or until early stopping).
+
+    Args:
+        train_batches: ``epoch`` (0-based) -> that epoch's batches, in an order that depends only
+            on (seed, epoch). Batches have ``.to(device)``; the task gets them on the device.
+        val_batches: () -> the validation batches, passed to ``task.evaluate`` once per epoch.
+        run_dir: the run folder (see the module docstring). A fresh run refuses a folder that
+            already holds checkpoints; ``resume=True`` continues from checkpoints/last.pt.
+        app, model_config: stored in every checkpoint and checked on resume / load.
+        console: a rich Console for the per-epoch lines (a new one if None).
+
+    Returns:
+        FitResult; the model is left holding the weights of the best epoch (checkpoints/best.pt).
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(app, str) or not app:
+        raise ValueError(f"app must be the app's name such as 'recsys', got {app!r}")
+    run_dir = Path(run_dir)
+    normalized = normalize_config(model_config)
+    console = console if console is not None else Console()
+    checkpoint_dir = run_dir / "checkpoints"
+    existing = sorted(p.name for p in checkpoint_dir.glob("*.pt")) if checkpoint_dir.is_dir() else []
+    if not resume and existing:
+        raise FileExistsError(
+            f"run folder {run_dir} already has checkpoints ({', '.join(existing)}); pass resume=True "
+            "to continue that run, or choose a new run folder"
+        )
+    last_path = checkpoint_dir / "last.pt"
+    if resume and not last_path.is_file():
+        raise FileNotFoundError(
+            f"resume=True but {last_path} does not exist; start a fresh run (resume=False) instead"
+        )
+    device = resolve_device(config.device)
+    state = None
+    if resume:
+        state = read_checkpoint(last_path)
+        check_compatible(state, last_path, app=app, model_config=normalized)
+    else:
+        set_seed(config.seed)
+    model.to(device)
+    steps_per_epoch = _count_steps(train_batches)
+    trainer = _Trainer(model, task, config, run_dir, app=app, model_config=normalized, device=device,
+                       total_steps=config.epochs * steps_per_epoch, console=console)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if state is not None:
+        trainer.restore(state)
+        console.print(f"resumed {run_dir} at epoch {trainer.run.epoch + 1}, step {trainer.run.step_in_epoch}")
+    else:
+        trainer.metrics_path.write_text("")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"))
+    with Progress(*columns, console=console, disable=not config.progress) as progress:
+        while trainer.run.epoch < config.epochs and not trainer.run.stopped_early:
+            started = time.perf_counter() - trainer.run.seconds
+            if state is not None and trainer.run.step_in_epoch == 0:
+                set_rng_state(state["rng"])  # saved at the epoch boundary: before the iterator
+                state = None
+            trainer.train_epoch(train_batches(trainer.run.epoch), state, progress, steps_per_epoch,
+                                started)
+            state = None
+            metrics = trainer.validate(val_batches)
+            console.print(trainer.end_epoch(metrics, time.perf_counter() - started), soft_wrap=True)
+    trainer.plot()
+    run = trainer.run
+    if run.best_epoch is None:
+        raise FloatingPointError(
+            f"validation {config.monitor} was never finite in {run.epoch} epochs; no best checkpoint"
+        )
+    best_path = checkpoint_dir / "best.pt"
+    model.load_state_dict(read_checkpoint(best_path)["model"])
+    return FitResult(best_metrics=dict(run.best_metrics), best_epoch=run.best_epoch,
+                     history=[dict(row) for row in run.history], run_dir=run_dir,
+                     best_checkpoint=best_path)

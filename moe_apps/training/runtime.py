@@ -1,0 +1,126 @@
+"""Runtime pieces of the training loop: seeding and RNG snapshots, device, autocast, optimizer and
+learning-rate schedule (linear warmup, then constant / cosine (Loshchilov & Hutter 2017) / linear decay).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe_apps.training.config import TrainConfig
+
+
+def set_seed(seed: int) -> None:
+    """Seed python's `random`, numpy's global generator and torch (CPU and every CUDA device)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cpu'; 'cuda' / 'cuda:N' (ValueError if there is no GPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or (isinstance(name, str) and name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
+        index = int(name[5:]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device(name)
+    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+
+
+def rng_state() -> dict[str, Any]:
+    """A snapshot of every global generator, made of tensors, ints and lists only (loadable with
+    ``torch.load(weights_only=True)``)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a `rng_state()` snapshot."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device's type for precision 'bf16'; a no-op for 'fp32'."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of ``config.optimizer`` over the trainable parameters of ``model``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to train")
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer must be one of 'adamw', 'adam', 'sgd', got {config.optimizer!r}")
+
+
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """The multiplier of the peak lr for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    Warmup: ``(step + 1) / warmup_steps`` while ``step < warmup_steps``. Then, with
+    ``progress = (step - warmup_steps) / (total_steps - warmup_steps)`` in [0, 1):
+    constant 1, cosine ``(1 + cos(pi * progress)) / 2``, linear ``1 - progress``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    raise ValueError(f"schedule must be one of 'constant', 'cosine', 'linear', got {schedule!r}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-optimizer-step `LambdaLR` following `lr_factor` over ``total_steps`` steps."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+
+    def factor(step: int) -> float:
+        # A plain function: LambdaLR then keeps it out of its state_dict, so a resumed run follows
+        # the schedule of its current config (e.g. more epochs) from the restored step count.
+        return lr_factor(
+            step, schedule=config.schedule, warmup_steps=config.warmup_steps, total_steps=total_steps
+        )
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

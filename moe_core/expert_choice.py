@@ -1,0 +1,62 @@
+"""Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
+
+Instead of every token picking K experts, every expert picks its C favourite tokens:
+``scores_TE = softmax_E(x W)``; expert e takes the C tokens with the highest ``scores_TE[:, e]``,
+with ``C = min(T, ceil(capacity_factor * T / E))``, and combines them with those scores. Load is
+perfectly balanced by construction (every expert gets exactly C tokens); a token may be taken by
+several experts or by none. The result is a `Routing` in expert-choice form: ``token_indices_EC``
+(int64) and ``combine_weights_EC``. Note that a token's pick depends on the other tokens of the
+batch (the top-C is over T), as in the paper; padding tokens should be masked by the caller.
+
+The gate follows the conventions of `moe_core.routers`: float32 logits whatever the input dtype,
+no bias, normal init with std 0.02 (small, but no ties).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_core.routing import Routing, check_features, check_positive_int
+
+GATE_INIT_STD = 0.02
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Each expert takes its top-C tokens by softmax score (Zhou et al. 2022)."""
+
+    def __init__(self, d_model: int, num_experts: int, capacity_factor: float = 1.0) -> None:
+        super().__init__()
+        check_positive_int(d_model, "d_model")
+        check_positive_int(num_experts, "num_experts")
+        if (
+            isinstance(capacity_factor, bool)
+            or not isinstance(capacity_factor, (int, float))
+            or not math.isfinite(capacity_factor)
+            or capacity_factor <= 0
+        ):
+            raise ValueError(
+                f"capacity_factor must be a finite number > 0 (tokens per expert = "
+                f"ceil(capacity_factor * T / E)), got {capacity_factor!r}"
+            )
+        self.d_model, self.num_experts = d_model, num_experts
+        self.capacity_factor = float(capacity_factor)
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=GATE_INIT_STD)
+
+    def capacity(self, num_tokens: int) -> int:
+        """C = min(T, ceil(capacity_factor * T / E))."""
+        return min(num_tokens, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
+
+    def forward(self, x: Tensor, *, token_ids_T: Tensor | None = None) -> Routing:
+        check_features(x, self.d_model, where="ExpertChoiceRouter")
+        x_TD = x.reshape(-1, self.d_model)
+        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        scores_TE = logits_TE.softmax(-1)
+        C = self.capacity(x_TD.shape[0])
+        weight_EC, token_EC = scores_TE.t().topk(C, dim=-1, sorted=True)
+        return Routing(
+            scores_TE, logits_TE, token_indices_EC=token_EC, combine_weights_EC=weight_EC
+        )

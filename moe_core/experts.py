@@ -1,0 +1,355 @@
+"""Expert modules: what the routed tokens are computed by.
+
+* `ExpertBank` -- E feed-forward experts (GShard / Switch Transformer style, Lepikhin et al. 2020,
+  Fedus et al. 2021) with stacked weights ``w_in`` ``(E, D, H)`` (``(E, D, 2H)`` for SwiGLU,
+  Shazeer 2020) and ``w_out`` ``(E, H, D)``; the fast path is one grouped GEMM per matrix over the
+  rows already sorted by expert (``moe_core.dispatch``), see `expert_ffn`.
+* `ModuleExperts` -- any list of modules (heterogeneous allowed), computed one expert at a time.
+* `ConvExperts` -- each expert a small conv block ``conv -> GroupNorm -> act`` over feature-map
+  tokens ``(C, H, W)`` (the routed-convolution setting of CondConv, Yang et al. 2019, done as
+  sparse routing instead of kernel mixing).
+* `FFN` -- a plain MLP, the shared experts of DeepSeekMoE (Dai et al. 2024).
+
+Every experts module has ``num_experts``, ``feature_dims`` (1 for vectors, 3 for conv feature maps)
+and three ways to run:
+
+* ``forward(x_S..., counts_E)``: rows grouped by expert in order, the first ``counts_E[0]`` rows go
+  to expert 0, the next ``counts_E[1]`` to expert 1, ...; rows after ``counts_E.sum()`` (slots
+  dropped by capacity) are not computed and give zeros;
+* ``forward_dense(x_T...) -> y_TE...``: every expert on every token;
+* ``forward_batched(x_EC...) -> y_EC...``: a fixed number of rows per expert.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_core.routing import check_positive_int
+
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def apply_activation(h: Tensor, activation: str) -> Tensor:
+    """``gelu`` / ``relu`` of ``h``, or for ``swiglu`` ``silu(a) * b`` with ``h = [a, b]`` on the last dim."""
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "relu":
+        return F.relu(h)
+    a, b = h.chunk(2, dim=-1)
+    return F.silu(a) * b
+
+
+class ExpertBank(nn.Module):
+    """E feed-forward experts ``y = act(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]`` with stacked weights.
+
+    Initialised per expert like ``nn.Linear``: weights and biases ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+    """
+
+    feature_dims = 1
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_hidden: int,
+        activation: str = "gelu",
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        check_positive_int(num_experts, "num_experts")
+        check_positive_int(d_model, "d_model")
+        check_positive_int(d_hidden, "d_hidden")
+        _check_activation(activation)
+        self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
+        self.d_out = d_model
+        self.activation = activation
+        width = 2 * d_hidden if activation == "swiglu" else d_hidden
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+        if bias:
+            self.b_in = nn.Parameter(torch.empty(num_experts, width))
+            self.b_out = nn.Parameter(torch.empty(num_experts, d_model))
+        else:
+            self.register_parameter("b_in", None)
+            self.register_parameter("b_out", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound_in, bound_out = 1.0 / math.sqrt(self.d_model), 1.0 / math.sqrt(self.d_hidden)
+        nn.init.uniform_(self.w_in, -bound_in, bound_in)
+        nn.init.uniform_(self.w_out, -bound_out, bound_out)
+        if self.b_in is not None:
+            nn.init.uniform_(self.b_in, -bound_in, bound_in)
+            nn.init.uniform_(self.b_out, -bound_out, bound_out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
+            f"activation={self.activation!r}, bias={self.b_in is not None}"
+        )
+
+    def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
+        """Rows of ``x_SD`` grouped by expert (``counts_E`` rows each, then ignored rows) -> ``y_SD``."""
+        return expert_ffn(
+            x_SD, counts_E, self.w_in, self.w_out, self.b_in, self.b_out, self.activation
+        )
+
+    def forward_dense(self, x_TD: Tensor) -> Tensor:
+        """Every expert on every token: ``(T, D) -> (T, E, D)``."""
+        h_TEH = torch.einsum("td,edh->teh", x_TD, self.w_in)
+        if self.b_in is not None:
+            h_TEH = h_TEH + self.b_in
+        y_TED = torch.einsum("teh,ehd->ted", apply_activation(h_TEH, self.activation), self.w_out)
+        if self.b_out is not None:
+            y_TED = y_TED + self.b_out
+        return y_TED
+
+    def forward_batched(self, x_ECD: Tensor) -> Tensor:
+        """The same number of rows per expert: ``(E, C, D) -> (E, C, D)``."""
+        h_ECH = torch.bmm(x_ECD, self.w_in)
+        if self.b_in is not None:
+            h_ECH = h_ECH + self.b_in[:, None, :]
+        y_ECD = torch.bmm(apply_activation(h_ECH, self.activation), self.w_out)
+        if self.b_out is not None:
+            y_ECD = y_ECD + self.b_out[:, None, :]
+        return y_ECD
+
+
+def split_sizes(counts_E: Tensor, num_rows: int) -> list[int]:
+    """Python sizes ``[counts_E..., num_rows - counts_E.sum()]`` (one host sync)."""
+    sizes = [int(c) for c in counts_E.tolist()]
+    rest = num_rows - sum(sizes)
+    if rest < 0:
+        raise ValueError(f"counts_E sums to {sum(sizes)} but x has only {num_rows} rows")
+    return sizes + [rest]
+
+
+def _ffn_loop(
+    x_SD: Tensor, counts_E: Tensor, w_in: Tensor, w_out: Tensor,
+    b_in: Tensor | None, b_out: Tensor | None, activation: str,
+) -> Tensor:
+    """The expert FFN one expert at a time on contiguous slices (any shape, any dtype, any device)."""
+    pieces, num_ignored = _rows_by_expert(x_SD, counts_E)
+    outputs = []
+    for e, piece in enumerate(pieces):
+        h = piece @ w_in[e] if b_in is None else torch.addmm(b_in[e], piece, w_in[e])
+        a = apply_activation(h, activation)
+        outputs.append(a @ w_out[e] if b_out is None else torch.addmm(b_out[e], a, w_out[e]))
+    return _concat_with_zeros(outputs, num_ignored, x_SD)
+
+
+def expert_ffn(
+    x_SD: Tensor, counts_E: Tensor, w_in: Tensor, w_out: Tensor,
+    b_in: Tensor | None, b_out: Tensor | None, activation: str,
+) -> Tensor:
+    """``y_SD`` for rows grouped by expert; rows past ``counts_E.sum()`` give zeros."""
+    return _ffn_loop(x_SD, counts_E, w_in, w_out, b_in, b_out, activation)
+
+
+def _rows_by_expert(x_S: Tensor, counts_E: Tensor) -> tuple[list[Tensor], int]:
+    """Split the grouped rows into one slice per expert, plus the number of trailing ignored rows."""
+    sizes = split_sizes(counts_E, x_S.shape[0])
+    pieces = list(x_S.split(sizes))
+    return pieces[:-1], sizes[-1]
+
+
+def _concat_with_zeros(outputs: list[Tensor], num_ignored: int, like: Tensor) -> Tensor:
+    """Concatenate per-expert outputs and append zero rows for the ignored (dropped) slots."""
+    tail_shape = outputs[0].shape[1:]
+    if num_ignored:
+        outputs = outputs + [like.new_zeros((num_ignored, *tail_shape))]
+    return torch.cat(outputs, dim=0)
+
+
+class ModuleExperts(nn.Module):
+    """Any E modules as experts, each mapping ``(n, *in_features) -> (n, *out_features)``.
+
+    Heterogeneous experts are fine as long as every expert produces the same output shape.
+    Computed with a Python loop over experts (never over tokens).
+    """
+
+    def __init__(self, modules: list[nn.Module], feature_dims: int = 1) -> None:
+        super().__init__()
+        if isinstance(modules, nn.Module) and not isinstance(modules, nn.ModuleList):
+            raise ValueError("modules must be a list of nn.Module experts, got a single module")
+        modules = list(modules)
+        if not modules or not all(isinstance(m, nn.Module) for m in modules):
+            raise ValueError(
+                f"modules must be a non-empty list of nn.Module, got {[type(m).__name__ for m in modules]}"
+            )
+        check_positive_int(feature_dims, "feature_dims")
+        self.experts = nn.ModuleList(modules)
+        self.num_experts = len(modules)
+        self.feature_dims = feature_dims
+        d_models = {getattr(m, "in_features", None) for m in modules}
+        self.d_model = d_models.pop() if len(d_models) == 1 else None
+
+    def forward(self, x_S: Tensor, counts_E: Tensor) -> Tensor:
+        pieces, num_ignored = _rows_by_expert(x_S, counts_E)
+        outputs = [expert(piece) for expert, piece in zip(self.experts, pieces, strict=True)]
+        return _concat_with_zeros(outputs, num_ignored, x_S)
+
+    def forward_dense(self, x_T: Tensor) -> Tensor:
+        return torch.stack([expert(x_T) for expert in self.experts], dim=1)
+
+    def forward_batched(self, x_EC: Tensor) -> Tensor:
+        if x_EC.shape[0] != self.num_experts:
+            raise ValueError(
+                f"forward_batched: x must have num_experts={self.num_experts} rows on dim 0, "
+                f"got shape {tuple(x_EC.shape)}"
+            )
+        return torch.stack([expert(x) for expert, x in zip(self.experts, x_EC, strict=True)], dim=0)
+
+
+class ConvExperts(nn.Module):
+    """E conv blocks ``conv(k x k, same padding) -> GroupNorm (per-sample, optional) -> act``.
+
+    Tokens are feature maps ``(C_in, H, W)``; every expert maps them to ``(C_out, H, W)``. GroupNorm
+    (not BatchNorm) so an expert's output does not depend on which other tokens it received.
+    ``forward`` loops over the E contiguous slices; ``forward_dense`` and ``forward_batched`` are
+    one grouped convolution.
+    """
+
+    feature_dims = 3
+
+    def __init__(
+        self,
+        num_experts: int,
+        in_channels: int,
+        out_channels: int | None = None,
+        kernel_size: int = 3,
+        norm_groups: int = 1,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        out_channels = in_channels if out_channels is None else out_channels
+        check_positive_int(num_experts, "num_experts")
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(out_channels, "out_channels")
+        check_positive_int(kernel_size, "kernel_size")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same padding), got {kernel_size}")
+        check_positive_int(norm_groups, "norm_groups", minimum=0)
+        if norm_groups and out_channels % norm_groups:
+            raise ValueError(
+                f"norm_groups must divide out_channels={out_channels}, got {norm_groups} "
+                "(use 0 for no normalisation)"
+            )
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        self.num_experts, self.in_channels, self.out_channels = num_experts, in_channels, out_channels
+        self.d_model = in_channels
+        self.kernel_size, self.norm_groups, self.activation = kernel_size, norm_groups, activation
+        fan_in = in_channels * kernel_size * kernel_size
+        bound = 1.0 / math.sqrt(fan_in)
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, out_channels, in_channels, kernel_size, kernel_size).uniform_(-bound, bound)
+        )
+        self.bias = nn.Parameter(torch.empty(num_experts, out_channels).uniform_(-bound, bound))
+        if norm_groups:
+            self.norm_weight = nn.Parameter(torch.ones(num_experts, out_channels))
+            self.norm_bias = nn.Parameter(torch.zeros(num_experts, out_channels))
+        else:
+            self.register_parameter("norm_weight", None)
+            self.register_parameter("norm_bias", None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, in_channels={self.in_channels}, "
+            f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, "
+            f"norm_groups={self.norm_groups}, activation={self.activation!r}"
+        )
+
+    def _act(self, h: Tensor) -> Tensor:
+        return F.relu(h) if self.activation == "relu" else F.gelu(h)
+
+    def _check(self, x: Tensor, where: str) -> None:
+        if x.dim() < 4 or x.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"ConvExperts.{where}: x must have shape (..., in_channels={self.in_channels}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def _block(self, x_NCHW: Tensor, e: int) -> Tensor:
+        h = F.conv2d(x_NCHW, self.weight[e], self.bias[e], padding=self.kernel_size // 2)
+        if self.norm_groups:
+            h = F.group_norm(h, self.norm_groups, self.norm_weight[e], self.norm_bias[e])
+        return self._act(h)
+
+    def _all_experts(self, x_N: Tensor, groups: int) -> Tensor:
+        """All experts in one conv: ``groups=1`` runs every expert on ``x_N (N, C_in, H, W)``;
+        ``groups=E`` runs expert e on channel group e of ``x_N (N, E*C_in, H, W)``.
+        Returns ``(N, E*C_out, H, W)``."""
+        E, C_out = self.num_experts, self.out_channels
+        h = F.conv2d(
+            x_N, self.weight.reshape(E * C_out, *self.weight.shape[2:]), self.bias.reshape(-1),
+            padding=self.kernel_size // 2, groups=groups,
+        )
+        if self.norm_groups:
+            h = F.group_norm(
+                h, E * self.norm_groups, self.norm_weight.reshape(-1), self.norm_bias.reshape(-1)
+            )
+        return self._act(h)
+
+    def forward(self, x_SCHW: Tensor, counts_E: Tensor) -> Tensor:
+        self._check(x_SCHW, "forward")
+        pieces, num_ignored = _rows_by_expert(x_SCHW, counts_E)
+        outputs = [self._block(piece, e) for e, piece in enumerate(pieces)]
+        return _concat_with_zeros(outputs, num_ignored, x_SCHW)
+
+    def forward_dense(self, x_TCHW: Tensor) -> Tensor:
+        """Every expert on every token in one convolution: ``(T, C, H, W) -> (T, E, C_out, H, W)``."""
+        self._check(x_TCHW, "forward_dense")
+        y = self._all_experts(x_TCHW, groups=1)
+        return y.reshape(x_TCHW.shape[0], self.num_experts, self.out_channels, *y.shape[-2:])
+
+    def forward_batched(self, x_ECCHW: Tensor) -> Tensor:
+        """``(E, n, C, H, W) -> (E, n, C_out, H, W)`` as one grouped convolution."""
+        self._check(x_ECCHW, "forward_batched")
+        E, n = x_ECCHW.shape[:2]
+        if E != self.num_experts:
+            raise ValueError(
+                f"forward_batched: x must have num_experts={self.num_experts} on dim 0, got {E}"
+            )
+        x_N = x_ECCHW.transpose(0, 1).reshape(n, E * self.in_channels, *x_ECCHW.shape[-2:])
+        y = self._all_experts(x_N, groups=E).reshape(n, E, self.out_channels, *x_ECCHW.shape[-2:])
+        return y.transpose(0, 1)
+
+
+class FFN(nn.Module):
+    """A plain MLP ``(..., D) -> (..., D)``: ``Linear(D, H) -> act -> Linear(H, D)`` (SwiGLU: ``2H``).
+
+    DeepSeekMoE's shared experts are ``FFN(d_model, num_shared * d_hidden)``.
+    """
+
+    feature_dims = 1
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str = "gelu", bias: bool = True) -> None:
+        super().__init__()
+        check_positive_int(d_model, "d_model")
+        check_positive_int(d_hidden, "d_hidden")
+        _check_activation(activation)
+        self.d_model, self.d_hidden, self.activation = d_model, d_hidden, activation
+        self.d_out = d_model
+        width = 2 * d_hidden if activation == "swiglu" else d_hidden
+        self.fc_in = nn.Linear(d_model, width, bias=bias)
+        self.fc_out = nn.Linear(d_hidden, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc_out(apply_activation(self.fc_in(x), self.activation))
+
+
+EXPERTS: dict[str, type[nn.Module]] = {
+    "ffn_bank": ExpertBank,
+    "modules": ModuleExperts,
+    "conv": ConvExperts,
+}
