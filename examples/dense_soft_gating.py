@@ -1,8 +1,8 @@
 """Dense soft gating: a mixture of local experts for regression (Jacobs et al. 1991).
 
-Every input goes to every expert and the outputs are mixed with the softmax weights of a learned gate
-(`SoftmaxRouter`, K = E) -- the original, fully differentiable mixture of experts. The target is a
-different linear function in each quadrant of the plane, so each expert can take a region.
+Every input goes to every expert and the outputs are mixed with the softmax weights of a learned
+gate (`SoftmaxRouter`, K = E) -- the original, fully differentiable mixture of experts. The target
+is a different linear function in each quadrant of the plane, so each expert can take a region.
 
     python examples/dense_soft_gating.py --steps 300
 """
@@ -32,7 +32,9 @@ class DenseMoERegressor(nn.Module):
     def __init__(self, d_model: int = 32, num_experts: int = 4, d_hidden: int = 32) -> None:
         super().__init__()
         self.embed = nn.Linear(2, d_model)
-        self.moe = MoE(SoftmaxRouter(d_model, num_experts), ExpertBank(num_experts, d_model, d_hidden))
+        self.moe = MoE(
+            SoftmaxRouter(d_model, num_experts), ExpertBank(num_experts, d_model, d_hidden)
+        )
         self.head = nn.Linear(d_model, 1)
 
     def forward(self, x: Tensor) -> Tensor:

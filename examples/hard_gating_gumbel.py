@@ -1,9 +1,10 @@
 """Hard gating with a straight-through Gumbel-softmax router (Jang et al. 2017).
 
 Each input goes to exactly one expert (K = 1, forward weight 1.0); the gate learns through the
-straight-through gradient of the Gumbel-softmax sample, with the temperature annealed from 2 to 0.5.
-In eval mode the router takes the noiseless argmax. The data come from four Gaussian clusters, each
-with its own linear target, so one expert per cluster is the natural solution.
+straight-through gradient of the Gumbel-softmax sample, with the temperature annealed from 2 to
+0.5, and a Switch load-balance loss keeps all experts in use. In eval mode the router takes the
+noiseless argmax. The data come from four Gaussian clusters, each with its own linear target, so
+one expert per cluster is the natural solution.
 
     python examples/hard_gating_gumbel.py --steps 300
 """
@@ -17,9 +18,11 @@ from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
+from moe_core.losses import collect_aux_losses, weighted_aux_loss
 from moe_core.routers import GumbelRouter
 
 NUM_CLUSTERS, D_IN = 4, 4
+AUX_COEFFICIENTS = {"load_balance": 0.05}
 
 
 def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -46,7 +49,7 @@ class HardGatedRegressor(nn.Module):
 
 
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
-    """Train for ``steps`` Adam steps on batches of 256; returns the held-out MSE before and after."""
+    """Train ``steps`` Adam steps on batches of 256; returns the held-out MSE before and after."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     x_train, y_train = make_data(4096, generator)
@@ -67,6 +70,7 @@ def main(steps: int, seed: int = 0) -> tuple[float, float]:
         model.router.temperature = 2.0 * (0.25 ** (step / max(steps - 1, 1)))  # 2 -> 0.5
         batch = torch.randint(len(x_train), (256,), generator=generator)
         loss = nn.functional.mse_loss(model(x_train[batch]), y_train[batch])
+        loss = loss + weighted_aux_loss(collect_aux_losses(model), AUX_COEFFICIENTS)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -2,8 +2,9 @@
 (the two-level hierarchical mixture of Shazeer et al. 2017).
 
 8 experts in 2 groups of 4; every input picks its best group and the 2 best experts inside it, with
-weights ``p(group) * p(expert | group)``. The data have the same two-level structure: 2 far-apart
-super-clusters, each split into 4 sub-clusters with their own linear target.
+weights ``p(group) * p(expert | group)``; a Switch load-balance loss on ``p(group) * p(expert |
+group)`` keeps both groups and all experts in use. The data have the same two-level structure: 2
+far-apart super-clusters, each split into 4 sub-clusters with their own linear target.
 
     python examples/hierarchical.py --steps 300
 """
@@ -17,19 +18,23 @@ from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
+from moe_core.losses import collect_aux_losses, weighted_aux_loss
 from moe_core.routers import HierarchicalRouter
 
 NUM_GROUPS, PER_GROUP, D_IN = 2, 4, 6
+AUX_COEFFICIENTS = {"load_balance": 0.05}
 
 
 def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """``x`` from one of 2 x 4 nested clusters; ``y`` = a sub-cluster-specific linear function."""
     task = torch.Generator().manual_seed(777)
-    groups = 8 * torch.randn(NUM_GROUPS, 1, D_IN, generator=task)
-    centers = (groups + 2 * torch.randn(NUM_GROUPS, PER_GROUP, D_IN, generator=task)).reshape(-1, D_IN)
+    groups = 4 * torch.randn(NUM_GROUPS, 1, D_IN, generator=task)
+    centers = (groups + 2 * torch.randn(NUM_GROUPS, PER_GROUP, D_IN, generator=task)).reshape(
+        -1, D_IN
+    )
     weights = torch.randn(NUM_GROUPS * PER_GROUP, D_IN, generator=task)
     cluster = torch.randint(NUM_GROUPS * PER_GROUP, (n,), generator=generator)
-    x = centers[cluster] + torch.randn(n, D_IN, generator=generator)
+    x = centers[cluster] + 0.5 * torch.randn(n, D_IN, generator=generator)
     y = (weights[cluster] * (x - centers[cluster])).sum(-1, keepdim=True)
     return x, y
 
@@ -50,7 +55,7 @@ class HierarchicalRegressor(nn.Module):
 
 
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
-    """Train for ``steps`` Adam steps on batches of 256; returns the held-out MSE before and after."""
+    """Train ``steps`` Adam steps on batches of 256; returns the held-out MSE before and after."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     x_train, y_train = make_data(4096, generator)
@@ -70,6 +75,7 @@ def main(steps: int, seed: int = 0) -> tuple[float, float]:
     for _ in range(steps):
         batch = torch.randint(len(x_train), (256,), generator=generator)
         loss = nn.functional.mse_loss(model(x_train[batch]), y_train[batch])
+        loss = loss + weighted_aux_loss(collect_aux_losses(model), AUX_COEFFICIENTS)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

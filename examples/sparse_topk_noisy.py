@@ -1,9 +1,10 @@
-"""Sparse top-k gating with learned noise (Shazeer et al. 2017, "Outrageously Large Neural Networks").
+"""Sparse top-k gating with learned noise (Shazeer et al. 2017, "Outrageously Large Neural
+Networks").
 
 Each input goes to its 2 best of 8 experts; in training the gate adds Gaussian noise whose scale is
-learned (``softplus(x W_noise)``), and the importance (CV^2) and load-balance losses keep the experts
-evenly used. The task is classification of inputs from 8 clusters, each labelled by its own random
-linear classifier.
+learned (``softplus(x W_noise)``), and the importance (CV^2) and load-balance losses keep the
+experts evenly used. The task is classification of inputs from 8 clusters, each labelled by its own
+random linear classifier.
 
     python examples/sparse_topk_noisy.py --steps 300
 """
@@ -48,7 +49,8 @@ class TopKClassifier(nn.Module):
 
 
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
-    """Train for ``steps`` Adam steps on batches of 256; returns the held-out cross-entropy before and after."""
+    """Train ``steps`` Adam steps on batches of 256; returns the held-out cross-entropy before
+    and after."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     x_train, y_train = make_data(4096, generator)
@@ -75,7 +77,9 @@ def main(steps: int, seed: int = 0) -> tuple[float, float]:
         optimizer.step()
     last, accuracy = evaluate()
     stats = model.moe.last_stats
-    print(f"step {steps}: test loss {last:.4f}, accuracy {accuracy:.3f}; load CV {stats.load_cv:.3f}")
+    print(
+        f"step {steps}: test loss {last:.4f}, accuracy {accuracy:.3f}; load CV {stats.load_cv:.3f}"
+    )
     return first, last
 
 

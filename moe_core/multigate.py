@@ -115,8 +115,10 @@ def mlp_experts(
 def _check_experts(experts: nn.Module, method: str, where: str) -> int:
     """The number of experts of ``experts``, after checking it is a vector experts module."""
     num = getattr(experts, "num_experts", None)
-    if not isinstance(experts, nn.Module) or not isinstance(num, int) or not callable(
-        getattr(experts, method, None)
+    if (
+        not isinstance(experts, nn.Module)
+        or not isinstance(num, int)
+        or not callable(getattr(experts, method, None))
     ):
         raise ValueError(
             f"{where}: experts must be an nn.Module with num_experts and {method}() (ExpertBank, "
@@ -175,7 +177,7 @@ class MMoE(nn.Module):
         activation: str = "relu",
         d_hidden: int | None = None,
     ) -> MMoE:
-        """MMoE over ``num_experts`` `mlp_experts` ``d_in -> d_expert`` (task outputs ``(B, d_expert)``)."""
+        """MMoE over ``num_experts`` `mlp_experts` ``d_in -> d_expert``; outputs ``(B, d_expert)``."""
         return cls(d_in, mlp_experts(num_experts, d_in, d_expert, activation, d_hidden), num_tasks)
 
     def extra_repr(self) -> str:
@@ -292,7 +294,7 @@ class CGC(nn.Module):
         return self.experts.forward_batched(torch.cat(parts))
 
     def forward(self, task_inputs: Sequence[Tensor], shared_input: Tensor | None) -> CGCOutput:
-        """Task branches ``task_inputs[t] (B, d_in)`` and the shared branch ``shared_input (B, d_in)``
+        """Task branches ``task_inputs[t] (B, d_in)``, the shared branch ``shared_input (B, d_in)``
         (None allowed when there are no shared experts and no shared gate)."""
         self._check_inputs(task_inputs, shared_input)
         y_EBH = self._expert_outputs(task_inputs, shared_input)
@@ -328,7 +330,12 @@ class PLE(nn.Module):
     ) -> None:
         super().__init__()
         check_positive_int(num_levels, "num_levels")
-        self.d_in, self.d_expert, self.num_tasks, self.num_levels = d_in, d_expert, num_tasks, num_levels
+        self.d_in, self.d_expert, self.num_tasks, self.num_levels = (
+            d_in,
+            d_expert,
+            num_tasks,
+            num_levels,
+        )
         self.levels = nn.ModuleList(
             CGC(
                 d_in if level == 0 else d_expert,
@@ -349,7 +356,7 @@ class PLE(nn.Module):
         return f"num_levels={self.num_levels}"
 
     def forward(self, x: Tensor) -> MultiGateOutput:
-        """``x (..., d_in)`` -> one ``(..., d_expert)`` output and the last level's gates per task."""
+        """``x (..., d_in)`` -> one ``(..., d_expert)`` output and the last level's gate per task."""
         check_features(x, self.d_in, where="PLE")
         lead = x.shape[:-1]
         x_BD = x.reshape(-1, self.d_in)

@@ -11,8 +11,8 @@ a weighted average of all the tokens of one sequence:
 * combine weights ``softmax_{E*S}(L)`` (per token, over all slots): ``Y = C Y~`` ``(B, N, D)``.
 
 Everything is differentiable, no token is dropped and no balance loss is needed (``aux_losses`` is
-``{}``). Soft-MoE mixes the tokens *within* a sequence (never across the batch), so it is not causal:
-use it in encoders (ViT, a translation encoder), not in an autoregressive decoder.
+``{}``). Soft-MoE mixes the tokens *within* a sequence (never across the batch), so it is not
+causal: use it in encoders (ViT, a translation encoder), not in an autoregressive decoder.
 
 Normalization (``normalize=True``, Sec. 2.3 of the paper, for large D): the logits become
 ``scale * <x / ||x||, phi / ||phi||>`` with the L2 norms over D and a learned scalar ``scale``
@@ -42,7 +42,7 @@ from moe_core.routing import Routing, check_features, check_positive_int
 
 
 class SoftMoE(nn.Module):
-    """Soft-MoE layer ``(B, N, D) -> (B, N, D_out)`` over ``experts`` with ``slots_per_expert`` slots each.
+    """Soft-MoE ``(B, N, D) -> (B, N, D_out)`` over ``experts``, ``slots_per_expert`` slots each.
 
     Args:
         d_model: D, the token width.
@@ -65,8 +65,10 @@ class SoftMoE(nn.Module):
         check_positive_int(d_model, "d_model")
         check_positive_int(slots_per_expert, "slots_per_expert")
         num_experts = getattr(experts, "num_experts", None)
-        if not isinstance(experts, nn.Module) or not isinstance(num_experts, int) or not callable(
-            getattr(experts, "forward_batched", None)
+        if (
+            not isinstance(experts, nn.Module)
+            or not isinstance(num_experts, int)
+            or not callable(getattr(experts, "forward_batched", None))
         ):
             raise ValueError(
                 "SoftMoE: experts must be an nn.Module with num_experts and forward_batched() "
@@ -80,7 +82,11 @@ class SoftMoE(nn.Module):
         experts_d = getattr(experts, "d_model", None)
         if experts_d is not None and experts_d != d_model:
             raise ValueError(f"SoftMoE: d_model={d_model} but experts.d_model={experts_d}")
-        self.d_model, self.num_experts, self.slots_per_expert = d_model, num_experts, slots_per_expert
+        self.d_model, self.num_experts, self.slots_per_expert = (
+            d_model,
+            num_experts,
+            slots_per_expert,
+        )
         self.num_slots = num_experts * slots_per_expert
         self.experts = experts
         self.normalize, self.track_stats = normalize, track_stats
@@ -102,8 +108,8 @@ class SoftMoE(nn.Module):
         check_features(x, self.d_model, where="SoftMoE")
         if x.dim() != 3:
             raise ValueError(
-                f"SoftMoE: x must have shape (B, N, d_model={self.d_model}) (a batch of sequences), "
-                f"got {tuple(x.shape)}; add a batch dim with x[None] for one sequence"
+                f"SoftMoE: x must have shape (B, N, d_model={self.d_model}) (a batch of "
+                f"sequences), got {tuple(x.shape)}; add a batch dim with x[None] for one sequence"
             )
         if token_mask is not None and (
             not isinstance(token_mask, Tensor)
@@ -116,8 +122,8 @@ class SoftMoE(nn.Module):
                 else type(token_mask).__name__
             )
             raise ValueError(
-                f"SoftMoE: token_mask must be a bool tensor (B, N) = {tuple(x.shape[:2])} with True "
-                f"for real tokens, got {got}"
+                f"SoftMoE: token_mask must be a bool tensor (B, N) = {tuple(x.shape[:2])} with "
+                f"True for real tokens, got {got}"
             )
 
     def logits(self, x_BND: Tensor) -> Tensor:
@@ -130,7 +136,7 @@ class SoftMoE(nn.Module):
         return x @ phi
 
     def forward(self, x: Tensor, *, token_mask: Tensor | None = None) -> MoEOutput:
-        """``x (B, N, D)`` -> `MoEOutput` with ``output (B, N, D_out)``; see the module docstring."""
+        """``x (B, N, D)`` -> `MoEOutput` with ``output (B, N, D_out)`` (see the module docstring)."""
         self._check(x, token_mask)
         B, N, _ = x.shape
         E, S = self.num_experts, self.slots_per_expert

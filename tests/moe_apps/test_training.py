@@ -5,6 +5,7 @@ refusals, exact resume after SIGKILL and after in-process crashes, bf16 on CPU."
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import os
@@ -326,6 +327,19 @@ def test_resume_of_a_finished_run_trains_nothing(tmp_path, reference):
     model, result = P.run(tmp_path, task, resume=True, model_seed=5)
     assert task.steps == 0 and task.evals == 0
     assert_same_run(model, result, reference)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_console_gets_epoch_lines_and_step_lines(tmp_path, progress):
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=300)
+    torch.manual_seed(0)
+    fit(P.TinyMoE(), P.RegressionTask(), *P.batch_fns(), quiet(epochs=2, progress=progress, log_every=3),
+        tmp_path, app=P.APP, model_config=P.MODEL_CONFIG, console=console)
+    text = console.file.getvalue()
+    assert "epoch 1/2  aux_load_balance" in text and "epoch 2/2  aux_load_balance" in text
+    assert ("epoch 2 step 6: loss" in text) is (not progress)
 
 
 # ----- precision, config checks -----------------------------------------------------------------

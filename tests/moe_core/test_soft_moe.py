@@ -1,4 +1,4 @@
-"""SoftMoE (moe_core.soft_moe) against a per-sequence, per-slot, per-token loop with explicit softmaxes."""
+"""SoftMoE (moe_core.soft_moe) vs a per-sequence, per-slot, per-token loop with explicit softmaxes."""
 
 from __future__ import annotations
 
@@ -56,7 +56,9 @@ def _reference(layer: SoftMoE, expert_fn, x: Tensor, mask: Tensor | None = None)
     return torch.stack(out_rows)
 
 
-@pytest.mark.parametrize(("num_experts", "slots", "normalize"), [(3, 1, False), (2, 3, False), (3, 2, True)])
+@pytest.mark.parametrize(
+    ("num_experts", "slots", "normalize"), [(3, 1, False), (2, 3, False), (3, 2, True)]
+)
 def test_matches_loop_outputs_and_gradients(num_experts: int, slots: int, normalize: bool) -> None:
     torch.manual_seed(0)
     bank = ExpertBank(num_experts, 4, 5).double()
@@ -96,7 +98,9 @@ def test_padding_mask() -> None:
     x = torch.randn(3, 5, 4, dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
     out = layer(x, token_mask=mask)
-    torch.testing.assert_close(out.output, _reference(layer, lambda e, v: _bank_expert(bank, e, v), x, mask))
+    torch.testing.assert_close(
+        out.output, _reference(layer, lambda e, v: _bank_expert(bank, e, v), x, mask)
+    )
     assert out.output[~mask].abs().max() == 0
     # the real tokens of a sequence padded at the end see exactly the unpadded sequence
     torch.testing.assert_close(out.output[0, :3], layer(x[:1, :3]).output[0])
