@@ -22,7 +22,7 @@ D_IN, SEQ_LEN, NUM_CLASSES = 8, 16, 4
 
 
 def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Sequences ``(n, SEQ_LEN, D_IN)``; label = the fixed direction best aligned with their mean."""
+    """Sequences ``(n, SEQ_LEN, D_IN)``; label = the fixed direction closest to their mean."""
     directions = torch.randn(NUM_CLASSES, D_IN, generator=torch.Generator().manual_seed(5))
     x = torch.randn(n, SEQ_LEN, D_IN, generator=generator)
     return x, (x.mean(1) @ directions.t()).argmax(-1)

@@ -177,7 +177,7 @@ class MMoE(nn.Module):
         activation: str = "relu",
         d_hidden: int | None = None,
     ) -> MMoE:
-        """MMoE over ``num_experts`` `mlp_experts` ``d_in -> d_expert``; outputs ``(B, d_expert)``."""
+        """MMoE of ``num_experts`` `mlp_experts` ``d_in -> d_expert``, outputs ``(B, d_expert)``."""
         return cls(d_in, mlp_experts(num_experts, d_in, d_expert, activation, d_hidden), num_tasks)
 
     def extra_repr(self) -> str:
@@ -253,7 +253,8 @@ class CGC(nn.Module):
             torch.cat([torch.arange(t * num_task_experts, (t + 1) * num_task_experts), shared])
             for t in range(num_tasks)
         ]
-        self.register_buffer("expert_index_TE", torch.stack(index), persistent=False)
+        # row t: the level's expert ids that task t's gate mixes, (num_tasks, E_t)
+        self.register_buffer("task_expert_index", torch.stack(index), persistent=False)
 
     def extra_repr(self) -> str:
         return (
@@ -301,7 +302,7 @@ class CGC(nn.Module):
         gates = [_gate_probs(gate, x) for gate, x in zip(self.task_gates, task_inputs, strict=True)]
         outputs = [
             torch.einsum("be,ebh->bh", g.to(y_EBH.dtype), y_EBH[index])
-            for g, index in zip(gates, self.expert_index_TE, strict=True)
+            for g, index in zip(gates, self.task_expert_index, strict=True)
         ]
         shared_gate, shared_output = None, None
         if self.shared_gate is not None:
@@ -356,7 +357,7 @@ class PLE(nn.Module):
         return f"num_levels={self.num_levels}"
 
     def forward(self, x: Tensor) -> MultiGateOutput:
-        """``x (..., d_in)`` -> one ``(..., d_expert)`` output and the last level's gate per task."""
+        """``x (..., d_in)`` -> per task a ``(..., d_expert)`` output and the last level's gate."""
         check_features(x, self.d_in, where="PLE")
         lead = x.shape[:-1]
         x_BD = x.reshape(-1, self.d_in)

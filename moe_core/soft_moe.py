@@ -136,7 +136,7 @@ class SoftMoE(nn.Module):
         return x @ phi
 
     def forward(self, x: Tensor, *, token_mask: Tensor | None = None) -> MoEOutput:
-        """``x (B, N, D)`` -> `MoEOutput` with ``output (B, N, D_out)`` (see the module docstring)."""
+        """``x (B, N, D)`` -> `MoEOutput` with ``output (B, N, D_out)`` (module docstring)."""
         self._check(x, token_mask)
         B, N, _ = x.shape
         E, S = self.num_experts, self.slots_per_expert

@@ -148,7 +148,7 @@ class _Trainer:
             "rng": rng_state(),
             "sums": {k: v.detach().cpu() for k, v in self.run.sums.items()},
             "metric_sums": dict(self.run.metric_sums),
-            "routing": {name: dict(vars(acc)) for name, acc in self.run.routing.items()},
+            "routing": {name: acc.state_dict() for name, acc in self.run.routing.items()},
             "seconds": self.run.seconds,
         })
 
@@ -170,7 +170,7 @@ class _Trainer:
         )
         for name, fields in state["routing"].items():
             self.run.routing[name] = StatsAccumulator()
-            vars(self.run.routing[name]).update(fields)
+            self.run.routing[name].load_state_dict(fields)
         lines = "".join(json.dumps(row) + "\n" for row in self.run.history)
         atomic_write(self.metrics_path, lambda f: f.write(lines.encode()))
 

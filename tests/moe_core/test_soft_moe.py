@@ -1,4 +1,4 @@
-"""SoftMoE (moe_core.soft_moe) vs a per-sequence, per-slot, per-token loop with explicit softmaxes."""
+"""SoftMoE (moe_core.soft_moe) vs a per-sequence, per-slot, per-token loop with explicit softmax."""
 
 from __future__ import annotations
 
