@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moe_core.routing import Routing
@@ -94,6 +95,291 @@ def sort_slots(expert_S: Tensor, num_experts: int, capacity: int | None = None) 
     return SortedSlots(final_order_S, kept_counts_E, kept_S)
 
 
+ACTIVATIONS = ("gelu", "relu", "swiglu")
+METHODS = ("auto", "padded", "grouped", "loop")
+PAD_LIMIT = 1.5
+"""``auto`` pads experts to a common row count only while padded rows <= PAD_LIMIT x real rows."""
+
+
+def apply_activation(h: Tensor, activation: str) -> Tensor:
+    """``gelu`` / ``relu`` of ``h``, or ``swiglu``: ``silu(u) * v`` with ``h = [u, v]`` on the last dim."""
+    if activation == "gelu":
+        return F.gelu(h)
+    if activation == "relu":
+        return F.relu(h)
+    u, v = h.chunk(2, dim=-1)
+    return F.silu(u) * v
+
+
+def activation_backward(grad_a: Tensor, h: Tensor, activation: str, out: Tensor | None = None) -> Tensor:
+    """Gradient wrt the pre-activation ``h`` of `apply_activation` (gelu/relu: written into ``out``
+    when given, which may alias ``grad_a``'s or another spent buffer)."""
+    if activation == "gelu":
+        if out is None:
+            return torch.ops.aten.gelu_backward(grad_a, h)
+        return torch.ops.aten.gelu_backward.grad_input(grad_a, h, approximate="none", grad_input=out)
+    if activation == "relu":
+        if out is None:
+            return torch.ops.aten.threshold_backward(grad_a, h, 0)
+        return torch.ops.aten.threshold_backward.grad_input(grad_a, h, 0, grad_input=out)
+    u, v = h.chunk(2, dim=-1)
+    return torch.cat([torch.ops.aten.silu_backward(grad_a * v, u), grad_a * F.silu(u)], dim=-1)
+
+
+def combine_rows(y_R: Tensor, token_R: Tensor, rows_KT: Tensor | None, num_out: int) -> Tensor:
+    """``out[t] = sum of the rows of y_R that belong to token t``.
+
+    With ``rows_KT`` (token t's rows are ``rows_KT[:, t]``, K of them, e.g. k-major token choice)
+    this is K gathers (``index_select``, parallel and deterministic); otherwise one ``index_add_``
+    over ``token_R`` (any number of rows per token, e.g. expert choice).
+    """
+    if rows_KT is None:
+        return y_R.new_zeros((num_out, *y_R.shape[1:])).index_add_(0, token_R, y_R[: token_R.shape[0]])
+    out = y_R.index_select(0, rows_KT[0])
+    for k in range(1, rows_KT.shape[0]):
+        out.add_(y_R.index_select(0, rows_KT[k]))
+    return out
+
+
+class _Padded:
+    """``bmm`` layout: expert e's rows padded to C = max count, ``(E, C, .)``, plus one spare row
+    that stays zero (dropped slots point there). Padding rows read distinct tokens, weight 0."""
+
+    def __init__(self, counts_E: Tensor, token_S: Tensor, weight_S: Tensor, capacity: int, num_tokens: int) -> None:
+        E, S = counts_E.shape[0], token_S.shape[0]
+        ends_E = torch.cumsum(counts_E, 0)
+        rows_S = torch.arange(S, device=token_S.device)
+        expert_S = torch.bucketize(rows_S, ends_E, right=True)  # E for dropped slots
+        starts_E = torch.cat([ends_E.new_zeros(1), ends_E])
+        spare = E * capacity
+        self.row_S = torch.where(expert_S < E, expert_S * capacity + rows_S - starts_E[expert_S], spare)
+        filler_R = torch.arange(spare + 1, device=token_S.device) % max(num_tokens, 1)
+        self.token_R = filler_R.index_copy_(0, self.row_S, token_S)[:spare]
+        self.weight_R = weight_S.new_zeros(spare + 1).index_copy_(0, self.row_S, weight_S)[:spare]
+        self.shape = (E, capacity)
+        self.valid_R1 = None
+
+    def rows(self, flat: Tensor) -> Tensor:
+        return flat.view(*self.shape, flat.shape[-1])
+
+    def flat(self, rows: Tensor) -> Tensor:
+        return rows.reshape(-1, rows.shape[-1])
+
+    def mm(self, a: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        return torch.bmm(a, w) if b is None else torch.baddbmm(b.unsqueeze(1), a, w)
+
+    def gather_flat(self, src: Tensor) -> Tensor:
+        """``src[token_R]`` in ``(E * C + 1, .)`` rows whose last (spare) row is zero."""
+        buf = src.new_empty(self.token_R.shape[0] + 1, src.shape[-1])
+        buf[-1].zero_()
+        torch.index_select(src, 0, self.token_R, out=buf[:-1])
+        return buf
+
+    def mm_flat(self, a: Tensor, w: Tensor, buf: Tensor | None = None) -> Tensor:
+        """``mm`` written into ``(E * C + 1, .)`` rows (``buf``, reused if given) whose last (spare)
+        row is zero."""
+        if buf is None:
+            buf = a.new_empty(self.shape[0] * self.shape[1] + 1, w.shape[-1])
+        buf[-1].zero_()
+        torch.bmm(a, w, out=buf[:-1].view(*self.shape, w.shape[-1]))
+        return buf
+
+    def wgrad(self, a: Tensor, g: Tensor) -> Tensor:
+        return torch.bmm(a.transpose(1, 2), g)
+
+    def bgrad(self, g: Tensor) -> Tensor:
+        return g.sum(1)
+
+    def expert_rows(self, b: Tensor) -> Tensor:
+        return b.unsqueeze(1)
+
+
+class _Grouped:
+    """``torch._grouped_mm`` layout: the sorted slots themselves (no host sync); rows after
+    ``counts_E.sum()`` (dropped) are not computed and are zeroed."""
+
+    def __init__(self, counts_E: Tensor, token_S: Tensor, weight_S: Tensor) -> None:
+        ends_E = torch.cumsum(counts_E, 0)
+        self.offs = ends_E.to(torch.int32)
+        self.row_S = torch.arange(token_S.shape[0], device=token_S.device)
+        self.valid_R1 = (self.row_S < ends_E[-1]).unsqueeze(1)
+        self.expert_R = torch.bucketize(self.row_S, ends_E, right=True).clamp(max=counts_E.shape[0] - 1)
+        self.token_R = token_S
+        self.weight_R = weight_S.masked_fill(~self.valid_R1.squeeze(1), 0)
+
+    def rows(self, flat: Tensor) -> Tensor:
+        return flat.contiguous()
+
+    def flat(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def mm(self, a: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        out = torch._grouped_mm(a, w, offs=self.offs)
+        return out if b is None else out.add_(self.expert_rows(b))
+
+    def gather_flat(self, src: Tensor) -> Tensor:
+        return src.index_select(0, self.token_R)
+
+    def mm_flat(self, a: Tensor, w: Tensor, buf: Tensor | None = None) -> Tensor:
+        return torch._grouped_mm(a, w, offs=self.offs).masked_fill_(~self.valid_R1, 0)
+
+    def wgrad(self, a: Tensor, g: Tensor) -> Tensor:
+        return torch._grouped_mm(a.t(), g, offs=self.offs)
+
+    def bgrad(self, g: Tensor) -> Tensor:
+        g = g.masked_fill(~self.valid_R1, 0)
+        return g.new_zeros(self.offs.shape[0], g.shape[1]).index_add_(0, self.expert_R, g)
+
+    def expert_rows(self, b: Tensor) -> Tensor:
+        return b.index_select(0, self.expert_R)
+
+
+class _ExpertFFNCombine(torch.autograd.Function):
+    """``out[t] = sum_s weight_S[s] * ffn_{e(s)}(x[token_S[s]])`` as one autograd node.
+
+    Forward keeps the gathered input and the pre-activation only (the activation is recomputed in
+    backward, as a fused MLP would). The combine-weight gradient ``<g_t, y_s>`` is taken as
+    ``<g_t @ w_out^T, a_s> + <g_t, b_out>``, so expert outputs are never stored.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, weight_R, w_in, w_out, b_in, b_out, layout, activation, rows_KT):  # type: ignore[override]
+        x_R = layout.rows(x_TD.index_select(0, layout.token_R))
+        h = layout.mm(x_R, w_in, b_in)
+        y_flat = layout.mm_flat(apply_activation(h, activation), w_out)
+        R = weight_R.shape[0]
+        if b_out is not None:
+            y_flat[:R].add_(layout.flat(layout.expert_rows(b_out).expand(*h.shape[:-1], -1)))
+            if layout.valid_R1 is not None:
+                y_flat.masked_fill_(~layout.valid_R1, 0)
+        y_flat[:R].mul_(weight_R.unsqueeze(1))
+        out = combine_rows(y_flat, layout.token_R, rows_KT, x_TD.shape[0])
+        ctx.save_for_backward(x_R, h, weight_R, w_in, w_out, b_out)
+        ctx.layout, ctx.activation, ctx.rows_KT = layout, activation, rows_KT
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x_R, h, weight_R, w_in, w_out, b_out = ctx.saved_tensors
+        layout, activation = ctx.layout, ctx.activation
+        need_x, need_weight, need_w_in, need_w_out, need_b_in, need_b_out = ctx.needs_input_grad[:6]
+        R = weight_R.shape[0]
+        g_flat = layout.gather_flat(grad_out)  # dL/dy per row, before the combine weight
+        g = layout.rows(g_flat[:R])
+        grad_a = layout.mm(g, w_out.transpose(1, 2))
+        a = apply_activation(h, activation)
+        bias_dot = None
+        if need_weight and b_out is not None:
+            bias_dot = torch.linalg.vecdot(g, layout.expert_rows(b_out))
+        g.mul_(layout.rows(weight_R.unsqueeze(1)))
+        grad_w_out = layout.wgrad(a, g) if need_w_out else None
+        grad_b_out = layout.bgrad(g) if need_b_out else None
+        del g
+        grad_weight = None
+        if need_weight:
+            grad_weight_R = a.mul_(grad_a).sum(-1)  # a is not needed any more
+            if bias_dot is not None:
+                grad_weight_R += bias_dot
+            grad_weight = grad_weight_R.reshape(-1)
+            if layout.valid_R1 is not None:
+                grad_weight = grad_weight.masked_fill(~layout.valid_R1.squeeze(1), 0)
+        grad_a.mul_(layout.rows(weight_R.unsqueeze(1)))
+        grad_h = activation_backward(grad_a, h, activation, out=a if activation != "swiglu" else None)
+        del a, grad_a
+        grad_w_in = layout.wgrad(x_R, grad_h) if need_w_in else None
+        grad_b_in = layout.bgrad(grad_h) if need_b_in else None
+        grad_x = None
+        if need_x:
+            grad_x_flat = layout.mm_flat(grad_h, w_in.transpose(1, 2), buf=g_flat)
+            grad_x = combine_rows(grad_x_flat, layout.token_R, ctx.rows_KT, grad_out.shape[0])
+        return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None
+
+
+def grouped_mm_supported(x: Tensor, *widths: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes rows of these widths on this device and dtype."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    aligned = all((w * x.element_size()) % 16 == 0 for w in widths)
+    if x.device.type == "cpu":  # the fake-tensor (compile) rule of torch 2.14 wants 16-bit floats
+        return aligned and (x.dtype != torch.float32 or not torch.compiler.is_compiling())
+    if x.device.type == "cuda":
+        capability = torch.cuda.get_device_capability(x.device)
+        return aligned and x.dtype == torch.bfloat16 and capability >= (9, 0)
+    return False
+
+
+def _ffn_loop(
+    x_SD: Tensor, sizes: list[int], w_in: Tensor, w_out: Tensor,
+    b_in: Tensor | None, b_out: Tensor | None, activation: str,
+) -> Tensor:
+    """The expert FFN one expert at a time on contiguous slices (any width, dtype or device)."""
+    pieces = x_SD.split(sizes)
+    w_in_E, w_out_E = w_in.unbind(0), w_out.unbind(0)  # one backward node, not E full-size zeros
+    b_in_E = [None] * len(w_in_E) if b_in is None else b_in.unbind(0)
+    b_out_E = [None] * len(w_in_E) if b_out is None else b_out.unbind(0)
+    outputs = []
+    for piece, wi, wo, bi, bo in zip(pieces, w_in_E, w_out_E, b_in_E, b_out_E, strict=False):
+        h = piece @ wi if bi is None else torch.addmm(bi, piece, wi)
+        a = apply_activation(h, activation)
+        outputs.append(a @ wo if bo is None else torch.addmm(bo, a, wo))
+    outputs.append(x_SD.new_zeros(sizes[-1], w_out.shape[-1]))
+    return torch.cat(outputs)
+
+
+def expert_ffn_combine(
+    x_TD: Tensor, token_S: Tensor, weight_S: Tensor, counts_E: Tensor,
+    w_in: Tensor, w_out: Tensor, b_in: Tensor | None, b_out: Tensor | None,
+    activation: str, method: str = "auto", slot_KT: Tensor | None = None,
+) -> Tensor:
+    """``out[t] = sum_s weight_S[s] * ffn_{e(s)}(x_TD[token_S[s]])``, ``(T, D)``.
+
+    Slots are sorted by expert: the first ``counts_E[0]`` go to expert 0, and so on; slots after
+    ``counts_E.sum()`` (dropped) are skipped. ``slot_KT`` (optional): token t's slots are exactly
+    ``slot_KT[:, t]`` (positions in the sorted order) -- the combine is then K gathers instead of an
+    ``index_add_``. ``ffn_e(x) = act(x @ w_in[e] + b_in[e]) @ w_out[e] +
+    b_out[e]``. Methods: ``padded`` -- rows padded to the largest count and ``bmm`` (fastest on CPU;
+    one host sync for that count); ``grouped`` -- ``torch._grouped_mm`` (no host sync, so it traces
+    without a graph break; needs 16-byte aligned widths); ``loop`` -- one matmul per expert.
+    ``auto``: ``grouped`` under ``torch.compile`` or on CUDA bf16 when supported, else ``padded``
+    unless routing is so uneven that padding would exceed `PAD_LIMIT` rows, then ``grouped`` or
+    ``loop``.
+    """
+    S, E = token_S.shape[0], w_in.shape[0]
+    if counts_E.shape != (E,):
+        raise ValueError(f"counts_E must have shape (num_experts={E},), got {tuple(counts_E.shape)}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    grouped_ok = grouped_mm_supported(x_TD, x_TD.shape[1], w_in.shape[2], w_out.shape[1], w_out.shape[2])
+    if method == "auto" and grouped_ok and (torch.compiler.is_compiling() or x_TD.device.type == "cuda"):
+        method = "grouped"
+    largest, total = 0, S
+    if method != "grouped" or not torch.compiler.is_compiling():  # host sync: check, size padding
+        total, largest = (int(v) for v in torch.stack([counts_E.sum(), counts_E.max()]).tolist())
+        if total > S:
+            raise ValueError(f"counts_E sums to {total} but there are only {S} slots")
+    if method == "auto":
+        padded_ok = E * largest <= PAD_LIMIT * max(total, 1)
+        method = "padded" if padded_ok else "grouped" if grouped_ok else "loop"
+    weight_S = weight_S.to(x_TD.dtype)
+    if method == "loop":
+        y_SD = _ffn_loop(x_TD.index_select(0, token_S), [*counts_E.tolist(), S - total],
+                         w_in, w_out, b_in, b_out, activation)
+        return combine_rows(y_SD * weight_S.unsqueeze(1), token_S, slot_KT, x_TD.shape[0])
+    if method == "grouped" and not grouped_ok:
+        raise ValueError(
+            "method='grouped' needs torch._grouped_mm with 16-byte aligned rows on this device "
+            f"(d_model/d_hidden multiples of {16 // x_TD.element_size()}); use 'padded' or 'loop'"
+        )
+    layout = (
+        _Grouped(counts_E, token_S, weight_S) if method == "grouped"
+        else _Padded(counts_E, token_S, weight_S, largest, x_TD.shape[0])
+    )
+    rows_KT = None if slot_KT is None else layout.row_S[slot_KT]
+    return _ExpertFFNCombine.apply(
+        x_TD, layout.weight_R, w_in, w_out, b_in, b_out, layout, activation, rows_KT
+    )
+
+
 def dispatch_combine(
     x_T: Tensor,
     token_S: Tensor,
@@ -101,17 +387,31 @@ def dispatch_combine(
     weight_S: Tensor,
     experts,
     capacity: int | None = None,
+    top_k: int | None = None,
 ) -> DispatchResult:
     """Route the rows of ``x_T`` (``(T, *features)``) through ``experts`` and combine.
 
     ``output[t] = sum over kept slots s of token t: weight_S[s] * experts[expert_S[s]](x_T[t])``.
+    ``top_k``: the slots are token choice, k-major (slot ``k * T + t`` is token t's k-th choice),
+    which lets the combine gather instead of scatter.
     """
+    T, S = x_T.shape[0], token_S.shape[0]
+    if top_k is not None and S != top_k * T:
+        raise ValueError(f"top_k={top_k} needs top_k * T = {top_k * T} k-major slots, got {S}")
     slots = sort_slots(expert_S, experts.num_experts, capacity)
     token_sorted_S = token_S[slots.order_S]
+    weight_sorted_S = weight_S[slots.order_S]
+    slot_KT = None
+    if top_k is not None:  # sorted position of every (k, t) slot
+        rank_S = torch.empty_like(slots.order_S)
+        rank_S[slots.order_S] = torch.arange(S, device=token_S.device)
+        slot_KT = rank_S.view(top_k, T)
+    if hasattr(experts, "forward_sorted"):  # fused gather -> experts -> weighted combine
+        output = experts.forward_sorted(x_T, token_sorted_S, weight_sorted_S, slots.counts_E, slot_KT)
+        return DispatchResult(output, slots.kept_S, slots.counts_E)
     y_S = experts(x_T.index_select(0, token_sorted_S), slots.counts_E)
-    weight_sorted_S = weight_S[slots.order_S].to(y_S.dtype)
-    weighted_S = y_S * weight_sorted_S.view(-1, *([1] * (y_S.dim() - 1)))
-    output = y_S.new_zeros((x_T.shape[0], *y_S.shape[1:])).index_add_(0, token_sorted_S, weighted_S)
+    weighted_S = y_S * weight_sorted_S.to(y_S.dtype).view(-1, *([1] * (y_S.dim() - 1)))
+    output = combine_rows(weighted_S, token_sorted_S, slot_KT, T)
     return DispatchResult(output, slots.kept_S, slots.counts_E)
 
 
@@ -120,4 +420,5 @@ def dispatch_routing(
 ) -> DispatchResult:
     """`dispatch_combine` on the slots of a `Routing` (token choice or expert choice)."""
     token_S, expert_S, weight_S = routing.assignments()
-    return dispatch_combine(x_T, token_S, expert_S, weight_S, experts, capacity)
+    top_k = None if routing.is_expert_choice else routing.top_k
+    return dispatch_combine(x_T, token_S, expert_S, weight_S, experts, capacity, top_k)

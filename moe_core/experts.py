@@ -28,24 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_core.dispatch import ACTIVATIONS, METHODS, apply_activation, expert_ffn_combine
 from moe_core.routing import check_positive_int
-
-ACTIVATIONS = ("gelu", "relu", "swiglu")
 
 
 def _check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
-def apply_activation(h: Tensor, activation: str) -> Tensor:
-    """``gelu`` / ``relu`` of ``h``, or for ``swiglu`` ``silu(a) * b`` with ``h = [a, b]`` on the last dim."""
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "relu":
-        return F.relu(h)
-    a, b = h.chunk(2, dim=-1)
-    return F.silu(a) * b
 
 
 class ExpertBank(nn.Module):
@@ -63,15 +52,18 @@ class ExpertBank(nn.Module):
         d_hidden: int,
         activation: str = "gelu",
         bias: bool = False,
+        method: str = "auto",
     ) -> None:
         super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         check_positive_int(num_experts, "num_experts")
         check_positive_int(d_model, "d_model")
         check_positive_int(d_hidden, "d_hidden")
         _check_activation(activation)
         self.num_experts, self.d_model, self.d_hidden = num_experts, d_model, d_hidden
         self.d_out = d_model
-        self.activation = activation
+        self.activation, self.method = activation, method
         width = 2 * d_hidden if activation == "swiglu" else d_hidden
         self.w_in = nn.Parameter(torch.empty(num_experts, d_model, width))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
@@ -94,13 +86,28 @@ class ExpertBank(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_experts={self.num_experts}, d_model={self.d_model}, d_hidden={self.d_hidden}, "
-            f"activation={self.activation!r}, bias={self.b_in is not None}"
+            f"activation={self.activation!r}, bias={self.b_in is not None}, method={self.method!r}"
         )
 
     def forward(self, x_SD: Tensor, counts_E: Tensor) -> Tensor:
         """Rows of ``x_SD`` grouped by expert (``counts_E`` rows each, then ignored rows) -> ``y_SD``."""
-        return expert_ffn(
-            x_SD, counts_E, self.w_in, self.w_out, self.b_in, self.b_out, self.activation
+        if x_SD.dim() != 2 or x_SD.shape[1] != self.d_model:
+            raise ValueError(
+                f"ExpertBank.forward: x_SD must have shape (S, d_model={self.d_model}), got {tuple(x_SD.shape)}"
+            )
+        rows_S = torch.arange(x_SD.shape[0], device=x_SD.device)
+        return self.forward_sorted(x_SD, rows_S, x_SD.new_ones(x_SD.shape[0]), counts_E, rows_S[None])
+
+    def forward_sorted(
+        self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, counts_E: Tensor,
+        slot_KT: Tensor | None = None,
+    ) -> Tensor:
+        """Fused gather -> experts -> weighted combine (`moe_core.dispatch.expert_ffn_combine`):
+        ``out_TD[t] = sum over slots s of token t of weight_S[s] * expert_{e(s)}(x_TD[t])``, slots
+        sorted by expert (``counts_E`` each, then the dropped ones)."""
+        return expert_ffn_combine(
+            x_TD, token_S, weight_S, counts_E, self.w_in, self.w_out, self.b_in, self.b_out,
+            self.activation, self.method, slot_KT,
         )
 
     def forward_dense(self, x_TD: Tensor) -> Tensor:
@@ -131,28 +138,6 @@ def split_sizes(counts_E: Tensor, num_rows: int) -> list[int]:
     if rest < 0:
         raise ValueError(f"counts_E sums to {sum(sizes)} but x has only {num_rows} rows")
     return sizes + [rest]
-
-
-def _ffn_loop(
-    x_SD: Tensor, counts_E: Tensor, w_in: Tensor, w_out: Tensor,
-    b_in: Tensor | None, b_out: Tensor | None, activation: str,
-) -> Tensor:
-    """The expert FFN one expert at a time on contiguous slices (any shape, any dtype, any device)."""
-    pieces, num_ignored = _rows_by_expert(x_SD, counts_E)
-    outputs = []
-    for e, piece in enumerate(pieces):
-        h = piece @ w_in[e] if b_in is None else torch.addmm(b_in[e], piece, w_in[e])
-        a = apply_activation(h, activation)
-        outputs.append(a @ w_out[e] if b_out is None else torch.addmm(b_out[e], a, w_out[e]))
-    return _concat_with_zeros(outputs, num_ignored, x_SD)
-
-
-def expert_ffn(
-    x_SD: Tensor, counts_E: Tensor, w_in: Tensor, w_out: Tensor,
-    b_in: Tensor | None, b_out: Tensor | None, activation: str,
-) -> Tensor:
-    """``y_SD`` for rows grouped by expert; rows past ``counts_E.sum()`` give zeros."""
-    return _ffn_loop(x_SD, counts_E, w_in, w_out, b_in, b_out, activation)
 
 
 def _rows_by_expert(x_S: Tensor, counts_E: Tensor) -> tuple[list[Tensor], int]:

@@ -52,10 +52,13 @@ def _reference_grouped(expert_fn, x: torch.Tensor, counts: list[int]) -> torch.T
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("d_model", [8, 6])  # 6: rows not 16-byte aligned -> the loop fallback
-def test_expert_bank_forward_matches_loop(activation: str, bias: bool, d_model: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "d_model"),
+    [("auto", 8), ("auto", 6), ("padded", 8), ("grouped", 8), ("loop", 8), ("loop", 6), ("padded", 6)],
+)  # d_model=6: rows not 16-byte aligned, grouped GEMM unavailable
+def test_expert_bank_forward_matches_loop(activation: str, bias: bool, method: str, d_model: int) -> None:
     torch.manual_seed(0)
-    bank = ExpertBank(4, d_model, 12, activation=activation, bias=bias)
+    bank = ExpertBank(4, d_model, 12, activation=activation, bias=bias, method=method)
     if bias:  # nonzero biases so that a missing bias would show
         nn.init.normal_(bank.b_in)
         nn.init.normal_(bank.b_out)
@@ -70,11 +73,12 @@ def test_expert_bank_forward_matches_loop(activation: str, bias: bool, d_model: 
         torch.testing.assert_close(got, want)
 
 
-def test_expert_bank_forward_large_blocks_and_zero_strided_grad() -> None:
-    # 16-byte aligned sizes take the grouped-GEMM path; y.sum() gives a zero-stride incoming grad.
+@pytest.mark.parametrize("method", ["auto", "padded", "grouped", "loop"])
+def test_expert_bank_uneven_counts_and_zero_strided_grad(method: str) -> None:
+    # very uneven counts (auto falls back from padding); y.sum() gives a zero-stride incoming grad
     torch.manual_seed(1)
-    bank = ExpertBank(3, 16, 32, activation="gelu")
-    counts = [40, 0, 25]
+    bank = ExpertBank(3, 16, 32, activation="gelu", method=method)
+    counts = [60, 0, 5]
     x = torch.randn(70, 16, requires_grad=True)
     y = bank(x, torch.tensor(counts))
     ref = _reference_grouped(lambda e, r: _bank_expert(bank, e, r), x, counts)
@@ -222,7 +226,16 @@ def test_registry_and_errors() -> None:
         ConvExperts(2, 3, kernel_size=2)
     with pytest.raises(ValueError, match="norm_groups"):
         ConvExperts(2, 3, out_channels=5, norm_groups=2)
-    with pytest.raises(ValueError, match="counts_E"):
-        ExpertBank(2, 4, 4)(torch.randn(3, 4), torch.tensor([2, 2]))
+    for method in ("auto", "padded", "grouped", "loop"):
+        with pytest.raises(ValueError, match="counts_E"):
+            ExpertBank(2, 4, 4, method=method)(torch.randn(3, 4), torch.tensor([2, 2]))
+        with pytest.raises(ValueError, match="counts_E"):
+            ExpertBank(2, 4, 4, method=method)(torch.randn(3, 4), torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match="method"):
+        ExpertBank(2, 4, 4, method="fast")
+    with pytest.raises(ValueError, match="method='grouped'"):
+        ExpertBank(2, 6, 4, method="grouped")(torch.randn(3, 6), torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match="x_SD"):
+        ExpertBank(2, 4, 4)(torch.randn(3, 5), torch.tensor([2, 1]))
     with pytest.raises(ValueError, match="in_channels"):
         ConvExperts(2, 3)(torch.randn(4, 5, 6, 6), torch.tensor([2, 2]))

@@ -1,0 +1,143 @@
+"""The recsys `Task` for the shared training loop: weighted multi-task loss and per-task metrics.
+
+Loss: ``sum_t w_t * L_t + embedding_l2 * embedding_sq`` with ``L_t`` the binary cross-entropy on
+the logit (binary tasks) or the mean squared error of the prediction (regression tasks), and
+``embedding_sq`` the squared norms of the embedding rows the batch looked up (the usual per-example
+L2 of matrix factorisation). Metrics come from scikit-learn: ROC AUC and log loss for binary tasks,
+RMSE and MAE for regression tasks, plus the weighted validation ``loss`` and, for models with
+gates, the mean gate weight per task and expert (``gate_<task>_<expert>``: expert utilisation).
+
+Shape legend: B batch, T tasks, E_t experts of task t's gate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_apps.recsys.config import TaskSpec
+from moe_apps.recsys.data import RecsysBatch
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Targets and predictions of a whole evaluation set, and the summed gate weights."""
+
+    targets_BT: np.ndarray
+    predictions_BT: np.ndarray
+    gate_means: list[np.ndarray] | None  # per task, (E_t,) mean gate weight over the set
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """(ROC AUC, log loss) via scikit-learn; AUC is nan when only one class is present."""
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else math.nan
+    return auc, float(log_loss(y, p, labels=[0, 1]))
+
+
+def regression_metrics(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """(RMSE, MAE) via scikit-learn."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error
+
+    return (float(np.sqrt(mean_squared_error(y, p))), float(mean_absolute_error(y, p)))
+
+
+def task_metrics(tasks: Sequence[TaskSpec], targets_BT: np.ndarray,
+                 predictions_BT: np.ndarray) -> dict[str, float]:
+    """``{<task>_auc, <task>_logloss | <task>_rmse, <task>_mae, ..., loss}`` over a whole set."""
+    if targets_BT.shape != predictions_BT.shape or targets_BT.shape[1:] != (len(tasks),):
+        raise ValueError(
+            f"targets {targets_BT.shape} and predictions {predictions_BT.shape} must both be "
+            f"(B, T={len(tasks)})"
+        )
+    if len(targets_BT) == 0:
+        raise ValueError("cannot compute metrics on an empty set of ratings")
+    metrics: dict[str, float] = {}
+    loss = 0.0
+    for t, spec in enumerate(tasks):
+        y, p = targets_BT[:, t].astype(np.float64), predictions_BT[:, t].astype(np.float64)
+        if spec.kind == "binary":
+            first, second = binary_metrics(y, p)
+            loss += spec.loss_weight * second
+        else:
+            first, second = regression_metrics(y, p)
+            loss += spec.loss_weight * first**2
+        names = spec.metric_names
+        metrics[names[0]], metrics[names[1]] = first, second
+    metrics["loss"] = loss
+    return metrics
+
+
+def task_losses(tasks: Sequence[TaskSpec], logits_BT: Tensor, predictions_BT: Tensor,
+                targets_BT: Tensor) -> list[Tensor]:
+    """Unweighted per-task losses: BCE-with-logits (binary) or MSE (regression)."""
+    losses = []
+    for t, spec in enumerate(tasks):
+        if spec.kind == "binary":
+            losses.append(F.binary_cross_entropy_with_logits(logits_BT[:, t].float(),
+                                                             targets_BT[:, t]))
+        else:
+            losses.append(F.mse_loss(predictions_BT[:, t].float(), targets_BT[:, t]))
+    return losses
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable[RecsysBatch]) -> Predictions:
+    """Run ``model`` over ``batches`` (already on the model's device) and gather everything."""
+    targets, predictions, gate_sums, count = [], [], None, 0
+    for batch in batches:
+        out = model(batch)
+        targets.append(batch.targets_BT.float().cpu())
+        predictions.append(out.predictions_BT.float().cpu())
+        if out.gate_weights is not None:
+            sums = [g.float().sum(0).cpu() for g in out.gate_weights]
+            gate_sums = sums if gate_sums is None else [a + b for a, b in zip(gate_sums, sums, strict=True)]
+        count += len(batch)
+    if count == 0:
+        raise ValueError("no batches to evaluate (empty validation or test part)")
+    gate_means = None if gate_sums is None else [(g / count).numpy() for g in gate_sums]
+    return Predictions(torch.cat(targets).numpy(), torch.cat(predictions).numpy(), gate_means)
+
+
+def gate_metrics(tasks: Sequence[TaskSpec], gate_means: list[np.ndarray] | None,
+                 labels: list[list[str]] | None) -> dict[str, float]:
+    """``{gate_<task>_<expert>: mean weight}`` (empty for models without gates)."""
+    if gate_means is None or labels is None:
+        return {}
+    return {
+        f"gate_{spec.name}_{label}": float(weight)
+        for spec, means, names in zip(tasks, gate_means, labels, strict=True)
+        for label, weight in zip(names, means, strict=True)
+    }
+
+
+class RecsysTask:
+    """Implements the `moe_apps.training.Task` protocol for the recsys models."""
+
+    def __init__(self, tasks: Sequence[TaskSpec], embedding_l2: float,
+                 gate_labels: list[list[str]] | None = None) -> None:
+        if embedding_l2 < 0:
+            raise ValueError(f"embedding_l2 must be >= 0, got {embedding_l2}")
+        self.tasks, self.embedding_l2, self.gate_labels = tuple(tasks), embedding_l2, gate_labels
+
+    def training_loss(self, model: nn.Module, batch: RecsysBatch) -> tuple[Tensor, dict[str, float]]:
+        out = model(batch)
+        losses = task_losses(self.tasks, out.logits_BT, out.predictions_BT, batch.targets_BT)
+        loss = sum(spec.loss_weight * value for spec, value in zip(self.tasks, losses, strict=True))
+        loss = loss + self.embedding_l2 * out.embedding_sq
+        logs = {f"{spec.name}_loss": float(v.detach()) for spec, v in zip(self.tasks, losses, strict=True)}
+        return loss, logs
+
+    def evaluate(self, model: nn.Module, batches: Iterable[RecsysBatch]) -> dict[str, float]:
+        result = predict(model, batches)
+        metrics = task_metrics(self.tasks, result.targets_BT, result.predictions_BT)
+        metrics.update(gate_metrics(self.tasks, result.gate_means, self.gate_labels))
+        return metrics
