@@ -5,6 +5,9 @@ gradients set to None before each step, as ``optimizer.zero_grad()`` does):
 
 * ``ours``          -- ``moe_core.layer.MoE(TopKRouter, ExpertBank)``, dropless, eager;
 * ``ours_compiled`` -- the same layer under ``torch.compile`` (compile time not timed);
+* ``ours_padded`` / ``ours_grouped`` / ``ours_loop`` -- the layer with one expert kernel forced
+                       (``ExpertBank(method=...)``: padded ``bmm``, ``torch._grouped_mm``, one
+                       matmul per expert), to compare the kernels ``auto`` chooses between;
 * ``naive``         -- the per-expert masked loop a tutorial writes: ``nn.ModuleList`` of FFNs, a
                        boolean mask per expert, ``out[mask] += gate * expert(x[mask])``;
 * ``dense_soft``    -- soft gating: every expert on every token, weighted by the softmax (skipped
@@ -36,6 +39,7 @@ from moe_core.layer import MoE
 from moe_core.routers import SoftmaxRouter, TopKRouter
 
 VARIANTS = ("ours", "ours_compiled", "naive", "dense_soft", "dense_equiv")
+KERNEL_VARIANTS = ("ours_padded", "ours_grouped", "ours_loop")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -73,8 +77,9 @@ class DenseSoftMoE(nn.Module):
 
 def build(variant: str, E: int, k: int, D: int, H: int, dtype: torch.dtype, device: str) -> nn.Module:
     torch.manual_seed(0)
-    if variant in ("ours", "ours_compiled"):
-        layer = MoE(TopKRouter(D, E, top_k=k), ExpertBank(E, D, H)).to(device)
+    if variant in ("ours", "ours_compiled", *KERNEL_VARIANTS):
+        method = variant.removeprefix("ours_") if variant in KERNEL_VARIANTS else "auto"
+        layer = MoE(TopKRouter(D, E, top_k=k), ExpertBank(E, D, H, method=method)).to(device)
         layer.experts.to(dtype)  # the router stays fp32
         if variant == "ours_compiled":
             return torch.compile(layer)
@@ -103,7 +108,10 @@ def sync(device: str) -> None:
 
 
 def peak_memory_mb(module: nn.Module, x: torch.Tensor, device: str) -> float:
-    """Peak bytes allocated during one step above what was allocated before it."""
+    """Peak bytes allocated during one step above what was allocated before it (the previous
+    step's gradients are released first, so that they are not counted as freed during the step)."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
     if device == "cuda":
         sync(device)
         base = torch.cuda.memory_allocated()
@@ -123,7 +131,11 @@ def peak_memory_mb(module: nn.Module, x: torch.Tensor, device: str) -> float:
     return peak / 2**20
 
 
-def skip_reason(variant: str, E: int, k: int, T: int, D: int, H: int, dtype: torch.dtype, max_gb: float) -> str | None:
+def skip_reason(
+    variant: str, E: int, k: int, T: int, D: int, H: int, dtype: torch.dtype, max_gb: float, device: str
+) -> str | None:
+    if variant == "ours_grouped" and device == "cuda" and dtype != torch.bfloat16:
+        return "skipped: torch._grouped_mm on CUDA takes bf16 only"
     if variant == "dense_soft":
         need_gb = T * E * (2 * H + 2 * D) * torch.finfo(dtype).bits / 8 / 2**30
         if need_gb > max_gb:
@@ -141,7 +153,7 @@ def run_config(E: int, k: int, args: argparse.Namespace) -> list[dict]:
     for variant in args.variants:
         row = {"num_experts": E, "top_k": k, "variant": variant, "tokens": T, "d_model": D,
                "d_hidden": H, "dtype": args.dtype, "device": device}
-        reason = skip_reason(variant, E, k, T, D, H, dtype, args.dense_soft_max_gb)
+        reason = skip_reason(variant, E, k, T, D, H, dtype, args.dense_soft_max_gb, device)
         if reason:
             row.update(tokens_per_s=None, ms=None, peak_mem_mb=None, act_mem_mb=None, note=reason)
         else:
@@ -169,7 +181,7 @@ def run_config(E: int, k: int, args: argparse.Namespace) -> list[dict]:
             act_mem_mb=None if peak is None else peak - grads_mb, note="",
         )
         del module
-    for variant in ("ours", "ours_compiled"):
+    for variant in ("ours", "ours_compiled", *KERNEL_VARIANTS):
         row = rows.get(variant)
         if not row or row["tokens_per_s"] is None:
             continue
@@ -222,7 +234,9 @@ def main() -> None:
     parser.add_argument("--d-hidden", type=int, default=1024)
     parser.add_argument("--experts", default="8,32,128", help="comma-separated E values")
     parser.add_argument("--top-k", default="1,2", help="comma-separated k values")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {VARIANTS}")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"subset of {VARIANTS + KERNEL_VARIANTS}"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -233,9 +247,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON list of rows only")
     args = parser.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(args.variants) - set(VARIANTS))
+    unknown = sorted(set(args.variants) - set(VARIANTS) - set(KERNEL_VARIANTS))
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+        parser.error(f"unknown variants {unknown}; choose from {VARIANTS + KERNEL_VARIANTS}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)

@@ -95,8 +95,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser.add_argument("--epochs", type=int, default=None, help="max epochs (default: the preset's)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    parser.add_argument("--no-references", action="store_true", help="skip biases and biased MF")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     models, folds = args.models.split(","), args.folds.split(",")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     from rich.console import Console
     from rich.table import Table
 
@@ -116,14 +120,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
 
     for fold in folds:
         train_part, test = data.folds[fold]
-        started = time.perf_counter()
-        mu, b_u, b_i = biases(train_part, nu, ni)
-        record(f"biases/{fold}", _reference_metrics(test, mu + b_u[test.user] + b_i[test.item]),
-               time.perf_counter() - started)
-        started = time.perf_counter()
-        predictor = biased_mf(train_part, nu, ni)
-        record(f"biased-mf/{fold}", _reference_metrics(test, predictor(test.user, test.item)),
-               time.perf_counter() - started)
+        if not args.no_references:
+            started = time.perf_counter()
+            mu, b_u, b_i = biases(train_part, nu, ni)
+            record(f"biases/{fold}", _reference_metrics(test, mu + b_u[test.user] + b_i[test.item]),
+                   time.perf_counter() - started)
+            started = time.perf_counter()
+            predictor = biased_mf(train_part, nu, ni)
+            record(f"biased-mf/{fold}", _reference_metrics(test, predictor(test.user, test.item)),
+                   time.perf_counter() - started)
         for model in models:
             config = get_preset("ple" if model == "ple" else "default")
             config = replace(config, split=fold, model=replace(config.model, model=model))

@@ -1,18 +1,21 @@
 """Sort-by-expert dispatch, capacity dropping and weighted combine: the fast path of every MoE layer.
 
-The sorted ("dropless" when no capacity) dispatch of MegaBlocks (Gale et al. 2022): flatten a
-`Routing` to assignment slots ``(token_S, expert_S, weight_S)``, stable-sort the slots by expert,
-count them per expert (``bincount``), keep at most C per expert (capacity, GShard: Lepikhin et al.
-2020), gather the kept tokens' rows, run every expert once on its contiguous block of rows
-(``experts.forward(x_SD, counts_E)``), scale by the combine weights and add back into the token
-outputs with one ``index_add_``. Memory is O(S * D); there is no ``(T, E, C)`` or ``(T, K, E)``
-one-hot anywhere, and no host sync (so it traces under ``torch.compile``) except what the experts
-module itself needs.
+The sorted ("dropless" without capacity) dispatch of MegaBlocks (Gale et al. 2022): flatten a
+`Routing` to slots ``(token_S, expert_S, weight_S)``, stable-sort the slots by expert, count them
+per expert, keep at most C per expert (capacity, GShard: Lepikhin et al. 2020), run every expert
+once on its block of rows, scale by the combine weights and sum back per token. Memory is
+O(S * D): no ``(T, E, C)`` or ``(T, K, E)`` one-hot anywhere, and no host sync in the sort.
 
-Priority when dropping: slots are taken in their `Routing.assignments()` order within each expert.
-Token-choice slots are k-major, so every token's first choice beats any second choice, and within a
-choice rank earlier tokens win (GShard's priority). Dropped slots stay at the end of the sorted
-rows (shapes stay static), the experts module skips them and they contribute 0.
+For `ExpertBank` the gather, the expert FFN and the combine are one autograd node
+(`expert_ffn_combine`), computed on one of three layouts chosen by measurement (docs/BENCHMARKS.md):
+rows padded to the largest expert and ``bmm`` (fastest on CPU), ``torch._grouped_mm`` over the
+sorted rows (no host sync; CUDA bf16 and ``torch.compile``), or one matmul per expert. Token-choice
+slots are k-major, so the combine is K row gathers (deterministic) rather than an ``index_add_``.
+
+Priority when dropping: within each expert, slots are kept in `Routing.assignments()` order. Token
+choice is k-major, so every token's first choice beats any second choice, and earlier tokens win
+within a choice (GShard's priority). Dropped slots go after the kept ones (shapes stay static) and
+contribute 0.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ def sort_slots(expert_S: Tensor, num_experts: int, capacity: int | None = None) 
     """
     S = expert_S.shape[0]
     order_S = torch.argsort(expert_S, stable=True)
-    counts_E = torch.bincount(expert_S, minlength=num_experts)
+    # scatter_add_, not bincount: a static output shape, so torch.compile needs no graph break
+    counts_E = expert_S.new_zeros(num_experts).scatter_add_(0, expert_S, torch.ones_like(expert_S))
     if capacity is None:
         return SortedSlots(order_S, counts_E, torch.ones(S, dtype=torch.bool, device=expert_S.device))
     expert_sorted_S = expert_S[order_S]
@@ -340,9 +344,9 @@ def expert_ffn_combine(
     b_out[e]``. Methods: ``padded`` -- rows padded to the largest count and ``bmm`` (fastest on CPU;
     one host sync for that count); ``grouped`` -- ``torch._grouped_mm`` (no host sync, so it traces
     without a graph break; needs 16-byte aligned widths); ``loop`` -- one matmul per expert.
-    ``auto``: ``grouped`` under ``torch.compile`` or on CUDA bf16 when supported, else ``padded``
-    unless routing is so uneven that padding would exceed `PAD_LIMIT` rows, then ``grouped`` or
-    ``loop``.
+    ``auto``: ``grouped`` under ``torch.compile`` (16-bit floats on CPU) or on CUDA bf16 when
+    supported, else ``padded`` unless routing is so uneven that padding would exceed `PAD_LIMIT`
+    rows, then ``grouped`` on CUDA and ``loop`` on CPU.
     """
     S, E = token_S.shape[0], w_in.shape[0]
     if counts_E.shape != (E,):
@@ -353,13 +357,17 @@ def expert_ffn_combine(
     if method == "auto" and grouped_ok and (torch.compiler.is_compiling() or x_TD.device.type == "cuda"):
         method = "grouped"
     largest, total = 0, S
-    if method != "grouped" or not torch.compiler.is_compiling():  # host sync: check, size padding
+    no_sync = torch.compiler.is_compiling() or x_TD.device.type != "cpu"
+    if method != "grouped" or not no_sync:  # one host sync: check the counts, size the padding
         total, largest = (int(v) for v in torch.stack([counts_E.sum(), counts_E.max()]).tolist())
         if total > S:
             raise ValueError(f"counts_E sums to {total} but there are only {S} slots")
     if method == "auto":
         padded_ok = E * largest <= PAD_LIMIT * max(total, 1)
-        method = "padded" if padded_ok else "grouped" if grouped_ok else "loop"
+        # beyond the padding limit: grouped GEMM where it is fast (CUDA), per-expert matmuls on
+        # CPU (measured faster than torch._grouped_mm there, see docs/BENCHMARKS.md)
+        grouped_fast = grouped_ok and x_TD.device.type == "cuda"
+        method = "padded" if padded_ok else "grouped" if grouped_fast else "loop"
     weight_S = weight_S.to(x_TD.dtype)
     if method == "loop":
         y_SD = _ffn_loop(x_TD.index_select(0, token_S), [*counts_E.tolist(), S - total],

@@ -2,8 +2,9 @@
 
 * `ExpertBank` -- E feed-forward experts (GShard / Switch Transformer style, Lepikhin et al. 2020,
   Fedus et al. 2021) with stacked weights ``w_in`` ``(E, D, H)`` (``(E, D, 2H)`` for SwiGLU,
-  Shazeer 2020) and ``w_out`` ``(E, H, D)``; the fast path is one grouped GEMM per matrix over the
-  rows already sorted by expert (``moe_core.dispatch``), see `expert_ffn`.
+  Shazeer 2020) and ``w_out`` ``(E, H, D)``. Its ``forward_sorted`` is the fused fast path the
+  dispatch uses: gather, one batched (padded ``bmm``) or grouped (``torch._grouped_mm``) GEMM per
+  matrix, weighted combine, with a hand-written backward (`moe_core.dispatch.expert_ffn_combine`).
 * `ModuleExperts` -- any list of modules (heterogeneous allowed), computed one expert at a time.
 * `ConvExperts` -- each expert a small conv block ``conv -> GroupNorm -> act`` over feature-map
   tokens ``(C, H, W)`` (the routed-convolution setting of CondConv, Yang et al. 2019, done as
@@ -140,8 +141,10 @@ def split_sizes(counts_E: Tensor, num_rows: int) -> list[int]:
     return sizes + [rest]
 
 
-def _rows_by_expert(x_S: Tensor, counts_E: Tensor) -> tuple[list[Tensor], int]:
+def _rows_by_expert(x_S: Tensor, counts_E: Tensor, num_experts: int) -> tuple[list[Tensor], int]:
     """Split the grouped rows into one slice per expert, plus the number of trailing ignored rows."""
+    if counts_E.shape != (num_experts,):
+        raise ValueError(f"counts_E must have shape (num_experts={num_experts},), got {tuple(counts_E.shape)}")
     sizes = split_sizes(counts_E, x_S.shape[0])
     pieces = list(x_S.split(sizes))
     return pieces[:-1], sizes[-1]
@@ -179,7 +182,7 @@ class ModuleExperts(nn.Module):
         self.d_model = d_models.pop() if len(d_models) == 1 else None
 
     def forward(self, x_S: Tensor, counts_E: Tensor) -> Tensor:
-        pieces, num_ignored = _rows_by_expert(x_S, counts_E)
+        pieces, num_ignored = _rows_by_expert(x_S, counts_E, self.num_experts)
         outputs = [expert(piece) for expert, piece in zip(self.experts, pieces, strict=True)]
         return _concat_with_zeros(outputs, num_ignored, x_S)
 
@@ -287,7 +290,7 @@ class ConvExperts(nn.Module):
 
     def forward(self, x_SCHW: Tensor, counts_E: Tensor) -> Tensor:
         self._check(x_SCHW, "forward")
-        pieces, num_ignored = _rows_by_expert(x_SCHW, counts_E)
+        pieces, num_ignored = _rows_by_expert(x_SCHW, counts_E, self.num_experts)
         outputs = [self._block(piece, e) for e, piece in enumerate(pieces)]
         return _concat_with_zeros(outputs, num_ignored, x_SCHW)
 

@@ -53,7 +53,7 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Any:
 def train_command(
     model: str = typer.Option(None, "--model", help="mmoe | ple | shared-bottom | single"),
     dataset: str = typer.Option(None, "--dataset", help="movielens-100k | movielens-1m"),
-    split: str = typer.Option(None, "--split", help="u1..u5, ua, ub (ML-100K), random, temporal"),
+    split: str = typer.Option(None, "--split", help="u1..u5, ua, ub (ML-100K; default u1), random (ML-1M default), temporal"),
     epochs: int = typer.Option(None, "--epochs", help="Maximum epochs (early stopping on val)."),
     num_experts: int = typer.Option(None, "--num-experts", help="Experts (MMoE) / expert budget."),
     out: Path = typer.Option(None, "--out", help="Run folder (default runs/recsys/<model>-<split>-<seed>-<time>)."),
@@ -69,7 +69,7 @@ def train_command(
 
     from rich.console import Console
 
-    from moe_apps.recsys.config import get_preset
+    from moe_apps.recsys.config import OFFICIAL_SPLITS, get_preset
     from moe_apps.recsys.train import read_run_config, train
 
     console = Console()
@@ -82,7 +82,10 @@ def train_command(
             config = replace(config, model=replace(config.model, vocab=()))
         else:
             config = get_preset(preset)
-        top: dict[str, Any] = {k: v for k, v in (("dataset", dataset), ("split", split),
+        chosen_split = split
+        if split is None and dataset == "movielens-1m" and config.split in OFFICIAL_SPLITS:
+            chosen_split = "random"  # ML-1M has no official folds
+        top: dict[str, Any] = {k: v for k, v in (("dataset", dataset), ("split", chosen_split),
                                                   ("epochs", epochs), ("seed", seed),
                                                   ("device", device)) if v is not None}
         sub: dict[str, Any] = {k: v for k, v in (("model", model), ("num_experts", num_experts))
@@ -135,6 +138,7 @@ def recommend_command(
     user: int = typer.Option(..., "--user", help="MovieLens user id (as in u.data)."),
     top: int = typer.Option(10, "--top", help="How many movies."),
     task: str = typer.Option(None, "--task", help="Rank by this task (default: like)."),
+    min_ratings: int = typer.Option(10, "--min-ratings", help="Only movies with this many training ratings."),
     data_dir: str = typer.Option(None, "--data-dir", help="Data folder (default: the run's)."),
 ) -> None:
     """A user's top unseen movies by predicted like-probability, with titles."""
@@ -144,7 +148,7 @@ def recommend_command(
     from moe_apps.recsys.train import load_run, recommend
 
     loaded = _guard(lambda: load_run(run, data_dir))
-    recs = _guard(lambda: recommend(loaded, user, top, task))
+    recs = _guard(lambda: recommend(loaded, user, top, task, min_ratings))
     specs = loaded.config.model.tasks
     table = Table(title=f"top {len(recs)} unseen movies for user {user}")
     table.add_column("#", justify="right")

@@ -161,17 +161,17 @@ class RecsysConfig:
     dataset: str = "movielens-100k"
     split: str = "u1"
     val_fraction: float = 0.05
-    history_dropout: float = 0.0
+    history_dropout: float = 0.5
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = 1024
     eval_batch_size: int = 8192
     embedding_l2: float = 0.05
-    epochs: int = 40
+    epochs: int = 30
     lr: float = 5e-3
     weight_decay: float = 1e-4
     schedule: str = "constant"
     grad_clip: float | None = 5.0
-    patience: int | None = 6
+    patience: int | None = 5
     monitor: str = "rating_rmse"
     monitor_mode: str = "min"
     importance_coef: float = 0.0

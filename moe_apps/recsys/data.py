@@ -10,7 +10,8 @@ Features (`build_features`) are looked up per rating and packed into a torchrec
 release-year bucket; several for ``genres``; and ``history``, the movies the user rated in the
 *fit* part of the training data -- implicit feedback as in SVD++ (Koren 2008), mean-pooled). The
 history never contains test or validation ratings, and a rating's own movie is left out of its
-history, so training rows look like test rows. Two dense features: log1p of the user's and the
+history, so training rows look like test rows; training batches may also drop each history
+movie at random (``history_dropout``, a regulariser). Two dense features: log1p of the user's and the
 movie's number of fit ratings (again without the rating itself).
 
 Shapes: B ratings in a batch, T tasks, F dense features, V jagged values.

@@ -114,12 +114,11 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
         )
     if resume:
         saved, _ = read_run_config(run_dir)
-        if replace(saved, epochs=config.epochs, patience=config.patience) != replace(
-            config, model=replace(config.model, vocab=saved.model.vocab)
-        ):
+        free = {"epochs": config.epochs, "patience": config.patience, "device": config.device}
+        if replace(saved, **free) != replace(config, model=replace(config.model, vocab=saved.model.vocab)):
             raise ValueError(
                 f"--resume: the options differ from the run's config.json in {run_dir} (only "
-                "--epochs may change); drop the other options to continue it"
+                "--epochs and --device may change); drop the other options to continue it"
             )
     root = resolve_data_root(data_dir)
     run = prepare_data(config, root, data)
@@ -220,9 +219,12 @@ class Recommendation:
     scores: dict[str, float]  # task name -> predicted probability / value
 
 
-def recommend(loaded: LoadedRun, user_id: int, top: int = 10, task: str | None = None) -> list[Recommendation]:
+def recommend(loaded: LoadedRun, user_id: int, top: int = 10, task: str | None = None,
+              min_ratings: int = 0) -> list[Recommendation]:
     """The ``top`` movies user ``user_id`` (MovieLens id) has not rated in the training part,
-    ranked by the predicted probability of ``task`` (default: "like", else the first binary task)."""
+    ranked by the predicted probability of ``task`` (default: "like", else the first binary task).
+    ``min_ratings`` keeps only movies with at least that many training ratings (movies seen by a
+    handful of users get extreme scores from their few ratings)."""
     config, run = loaded.config, loaded.run
     tasks = config.model.tasks
     names = [t.name for t in tasks]
@@ -233,6 +235,8 @@ def recommend(loaded: LoadedRun, user_id: int, top: int = 10, task: str | None =
         raise ValueError(f"task must be one of {names}, got {task!r}")
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
+    if min_ratings < 0:
+        raise ValueError(f"--min-ratings must be >= 0, got {min_ratings}")
     matches = np.flatnonzero(run.data.users.raw_id == user_id)
     if len(matches) == 0:
         raise ValueError(
@@ -242,9 +246,13 @@ def recommend(loaded: LoadedRun, user_id: int, top: int = 10, task: str | None =
     user = int(matches[0])
     seen = np.zeros(len(run.data.items), dtype=bool)
     seen[run.train.item[run.train.user == user]] = True
-    candidates = torch.as_tensor(np.flatnonzero(~seen))
+    popular = np.bincount(run.train.item, minlength=len(seen)) >= min_ratings
+    candidates = torch.as_tensor(np.flatnonzero(~seen & popular))
     if len(candidates) == 0:
-        raise ValueError(f"user {user_id} has rated every movie; nothing to recommend")
+        raise ValueError(
+            f"no movie left to recommend to user {user_id}: every movie with at least "
+            f"{min_ratings} training ratings is already rated; lower --min-ratings"
+        )
     batch = make_batch(run.features, tasks, torch.full_like(candidates, user), candidates, None)
     with torch.no_grad():
         predictions_BT = loaded.model(batch).predictions_BT.float()

@@ -237,5 +237,9 @@ def test_registry_and_errors() -> None:
         ExpertBank(2, 6, 4, method="grouped")(torch.randn(3, 6), torch.tensor([2, 1]))
     with pytest.raises(ValueError, match="x_SD"):
         ExpertBank(2, 4, 4)(torch.randn(3, 5), torch.tensor([2, 1]))
+    with pytest.raises(ValueError, match="counts_E"):
+        ModuleExperts([nn.Linear(4, 4), nn.Linear(4, 4)])(torch.randn(3, 4), torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match="counts_E"):
+        ConvExperts(2, 3)(torch.randn(3, 3, 4, 4), torch.tensor([2, 2]))
     with pytest.raises(ValueError, match="in_channels"):
         ConvExperts(2, 3)(torch.randn(4, 5, 6, 6), torch.tensor([2, 2]))

@@ -185,6 +185,10 @@ def test_token_mask_leaves_padding_out() -> None:
     assert padded.stats.tokens_per_expert_E.tolist() == real.stats.tokens_per_expert_E.tolist()
     no_shared = MoE(layer.router, layer.experts)
     assert no_shared(x, token_mask=mask).output[~mask].abs().max() == 0
+    # nothing real at all: shared experts only, zero losses
+    empty = layer(x, token_mask=torch.zeros(2, 7, dtype=torch.bool))
+    torch.testing.assert_close(empty.output, shared(x))
+    assert all(float(v.detach()) == 0 for v in empty.aux_losses.values())
 
 
 def test_aux_losses_and_last_state() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from recsys_synthetic import write_random_ml100k
 from typer.testing import CliRunner
@@ -69,7 +70,8 @@ def test_recommend_lists_unseen_movies_with_titles(trained: Path, data_root: Pat
     from moe_apps.recsys.train import load_run, recommend
 
     loaded = load_run(trained, data_root, load_movielens("movielens-100k", data_root))
-    recs = recommend(loaded, 3, top=40)
+    recs = recommend(loaded, 3, top=40, min_ratings=2)
+    assert all(int(np.sum(loaded.run.train.item == np.flatnonzero(loaded.run.data.items.raw_id == r.item_id)[0])) >= 2 for r in recs)
     seen = set(loaded.run.data.items.raw_id[loaded.run.train.item[loaded.run.train.user == 2]])
     assert recs and not {r.item_id for r in recs} & seen
     likes = [r.scores["like"] for r in recs]
