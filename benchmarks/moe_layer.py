@@ -204,7 +204,7 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         return "" if v is None else format(v, spec)
 
     body = [
-        [str(r["num_experts"]), str(r["top_k"]), r["variant"], fmt(r["ms"], ".0f"),
+        [str(r["num_experts"]), str(r["top_k"]), r["variant"], fmt(r["ms"], ".1f"),
          fmt(r["tokens_per_s"], ",.0f"), fmt(r["peak_mem_mb"], ".0f"), fmt(r["act_mem_mb"], ".0f"),
          fmt(r.get("vs_dense_equiv"), ".2f"), fmt(r.get("vs_naive"), ".2f"),
          fmt(r.get("act_mem_vs_dense_equiv"), ".2f"), r["note"]]
