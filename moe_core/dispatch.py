@@ -346,7 +346,7 @@ def expert_ffn_combine(
     without a graph break; needs 16-byte aligned widths); ``loop`` -- one matmul per expert.
     ``auto``: ``grouped`` under ``torch.compile`` (16-bit floats on CPU) or on CUDA bf16 when
     supported, else ``padded`` unless routing is so uneven that padding would exceed `PAD_LIMIT`
-    rows, then ``grouped`` on CUDA and ``loop`` on CPU.
+    rows, then ``grouped`` (``loop`` where grouped GEMM is unavailable).
     """
     S, E = token_S.shape[0], w_in.shape[0]
     if counts_E.shape != (E,):
@@ -364,10 +364,9 @@ def expert_ffn_combine(
             raise ValueError(f"counts_E sums to {total} but there are only {S} slots")
     if method == "auto":
         padded_ok = E * largest <= PAD_LIMIT * max(total, 1)
-        # beyond the padding limit: grouped GEMM where it is fast (CUDA), per-expert matmuls on
-        # CPU (measured faster than torch._grouped_mm there, see docs/BENCHMARKS.md)
-        grouped_fast = grouped_ok and x_TD.device.type == "cuda"
-        method = "padded" if padded_ok else "grouped" if grouped_fast else "loop"
+        # beyond the padding limit: grouped GEMM (no padding; on CPU measured ~2x faster than the
+        # per-expert loop at E = 128, docs/BENCHMARKS.md), the loop only where it is unavailable
+        method = "padded" if padded_ok else "grouped" if grouped_ok else "loop"
     weight_S = weight_S.to(x_TD.dtype)
     if method == "loop":
         y_SD = _ffn_loop(x_TD.index_select(0, token_S), [*counts_E.tolist(), S - total],

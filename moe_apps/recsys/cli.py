@@ -80,8 +80,8 @@ def train_command(
                 raise ValueError("--resume needs --out, the run folder to continue")
             config, _ = read_run_config(out)
             config = replace(config, model=replace(config.model, vocab=()))
-        else:
-            config = get_preset(preset)
+        else:  # --model ple without a preset takes the ple preset (its tuned dropout)
+            config = get_preset("ple" if model == "ple" and preset == "default" else preset)
         chosen_split = split
         if split is None and dataset == "movielens-1m" and config.split in OFFICIAL_SPLITS:
             chosen_split = "random"  # ML-1M has no official folds

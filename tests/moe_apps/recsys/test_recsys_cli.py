@@ -138,3 +138,14 @@ def test_bad_options_exit_non_zero(data_root: Path, tmp_path: Path) -> None:
                                  "--out", str(tmp_path / "y")])
     assert result.exit_code != 0 and "official ML-100K fold" in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_model_ple_takes_the_ple_preset(data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ple"
+    result = runner.invoke(app, ["recsys", "train", "--model", "ple", "--epochs", "1", "--data-dir",
+                                 str(data_root), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    model = json.loads((out / "config.json").read_text())["config"]["model"]
+    assert model["model"] == "ple" and model["dropout"] == 0.3
+    gates = json.loads((out / "gates.json").read_text())
+    assert gates["experts"] == [["like0", "shared0", "shared1"], ["rating0", "shared0", "shared1"]]
