@@ -50,6 +50,8 @@ from moe_core.diagnostics import RoutingStats, StatsAccumulator
 from moe_core.losses import collect_aux_losses, weighted_aux_loss
 
 ROUTING_KEYS = ("load_cv", "dead_experts", "dropped_fraction", "entropy")
+# Logged in metrics.jsonl but left off the one-line epoch summary (per-expert detail).
+QUIET_PREFIXES = ("routing_", "val_gate", "train_gate")
 PLOT_EVERY_S = 30.0  # redraw curves.png at an epoch end at most this often (and always at the end)
 
 
@@ -262,7 +264,7 @@ class _Trainer:
         if time.perf_counter() - self.last_plot >= PLOT_EVERY_S:
             self.plot()
         shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
-                          if k not in ("epoch", "seconds", "lr") and not k.startswith("routing_"))
+                          if k not in ("epoch", "seconds", "lr") and not k.startswith(QUIET_PREFIXES))
         mark = " *" if improved else ""
         stop = f"  early stop ({run.bad_epochs} epochs without a better {config.monitor})" if run.stopped_early else ""
         return f"epoch {run.epoch}/{config.epochs}  {shown}  lr {row['lr']:.3g}  {seconds:.1f}s{mark}{stop}"
