@@ -16,7 +16,7 @@ from moe_core.losses import (
     router_z_loss,
     weighted_aux_loss,
 )
-from moe_core.multigate import CGC, MMoE, PLE, MultiGateOutput
+from moe_core.multigate import CGC, PLE, MMoE, MultiGateOutput
 from moe_core.routers import (
     ROUTERS,
     GumbelRouter,
