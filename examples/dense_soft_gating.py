@@ -9,9 +9,8 @@ is a different linear function in each quadrant of the plane, so each expert can
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from _common import run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
@@ -43,36 +42,20 @@ class DenseMoERegressor(nn.Module):
 
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train for ``steps`` full-batch Adam steps; returns the held-out MSE before and after."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     x_train, y_train = make_data(1024, generator)
-    x_test, y_test = make_data(512, generator)
+    test_data = make_data(512, generator)
     model = DenseMoERegressor()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-
-    def test_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            loss = nn.functional.mse_loss(model(x_test), y_test).item()
-        model.train()
-        return loss
-
-    first = test_loss()
-    print(f"step 0: test mse {first:.4f}")
-    for _ in range(steps):
-        loss = nn.functional.mse_loss(model(x_train), y_train)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    last = test_loss()
-    gate = model.moe.last_stats
-    print(f"step {steps}: test mse {last:.4f}; gate entropy {gate.entropy:.3f} nats")
-    return first, last
+    return train(
+        model,
+        nn.functional.mse_loss,
+        lambda step: (x_train, y_train),
+        test_data,
+        steps,
+        label="test mse",
+        summary=lambda: f"gate entropy {model.moe.last_stats.entropy:.3f} nats",
+    )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    main(args.steps, args.seed)
+    run_cli(main, __doc__)

@@ -11,14 +11,12 @@ one expert per cluster is the natural solution.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from _common import random_batches, run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
-from moe_core.losses import collect_aux_losses, weighted_aux_loss
 from moe_core.routers import GumbelRouter
 
 NUM_CLUSTERS, D_IN = 4, 4
@@ -50,39 +48,29 @@ class HardGatedRegressor(nn.Module):
 
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train ``steps`` Adam steps on batches of 256; returns the held-out MSE before and after."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     x_train, y_train = make_data(4096, generator)
-    x_test, y_test = make_data(1024, generator)
+    test_data = make_data(1024, generator)
     model = HardGatedRegressor()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batches = random_batches(x_train, y_train, 256, generator)
 
-    def test_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            loss = nn.functional.mse_loss(model(x_test), y_test).item()
-        model.train()
-        return loss
-
-    first = test_loss()
-    print(f"step 0: test mse {first:.4f}")
-    for step in range(steps):
+    def anneal_and_sample(step: int) -> tuple[Tensor, Tensor]:
         model.router.temperature = 2.0 * (0.25 ** (step / max(steps - 1, 1)))  # 2 -> 0.5
-        batch = torch.randint(len(x_train), (256,), generator=generator)
-        loss = nn.functional.mse_loss(model(x_train[batch]), y_train[batch])
-        loss = loss + weighted_aux_loss(collect_aux_losses(model), AUX_COEFFICIENTS)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    last = test_loss()
-    per_expert = model.moe.last_stats.tokens_per_expert_E.tolist()
-    print(f"step {steps}: test mse {last:.4f}; test inputs per expert {per_expert}")
-    return first, last
+        return batches(step)
+
+    return train(
+        model,
+        nn.functional.mse_loss,
+        anneal_and_sample,
+        test_data,
+        steps,
+        aux_coefficients=AUX_COEFFICIENTS,
+        label="test mse",
+        summary=lambda: (
+            f"test inputs per expert {model.moe.last_stats.tokens_per_expert_E.tolist()}"
+        ),
+    )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    main(args.steps, args.seed)
+    run_cli(main, __doc__)

@@ -11,9 +11,8 @@ the tasks less related, which is where per-task gates help.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from _common import cli_parser, random_batches, seeded, train
 from torch import Tensor, nn
 
 from moe_core.multigate import MMoE
@@ -46,44 +45,39 @@ class MMoEModel(nn.Module):
         return torch.cat([tower(h) for tower, h in zip(self.towers, outputs, strict=True)], dim=-1)
 
 
+def summed_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """The sum over the tasks of each task's MSE."""
+    return (pred - target).square().mean(0).sum()
+
+
 def main(steps: int, seed: int = 0, rho: float = 0.5) -> tuple[float, float]:
     """Train for ``steps`` Adam steps on batches of 256; returns the held-out summed MSE before
     and after."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     x_train, y_train = make_data(8192, rho, generator)
-    x_test, y_test = make_data(2048, rho, generator)
+    test_data = make_data(2048, rho, generator)
     model = MMoEModel()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
 
-    def summed_mse(pred: Tensor, target: Tensor) -> Tensor:
-        return (pred - target).square().mean(0).sum()
+    def gate_usage() -> str:
+        usage = [
+            "[" + ", ".join(f"{w:.2f}" for w in g.mean(0).tolist()) + "]"
+            for g in model.mmoe.last_gate_weights
+        ]
+        return f"mean gate weights per task {' '.join(usage)}"
 
-    def test_loss() -> float:
-        with torch.no_grad():
-            return summed_mse(model(x_test), y_test).item()
-
-    first = test_loss()
-    print(f"step 0: test loss (sum of the two MSEs) {first:.4f}")
-    for _ in range(steps):
-        batch = torch.randint(len(x_train), (256,), generator=generator)
-        loss = summed_mse(model(x_train[batch]), y_train[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    last = test_loss()
-    usage = [
-        "[" + ", ".join(f"{w:.2f}" for w in g.mean(0).tolist()) + "]"
-        for g in model.mmoe.last_gate_weights
-    ]
-    print(f"step {steps}: test loss {last:.4f}; mean gate weights per task {' '.join(usage)}")
-    return first, last
+    return train(
+        model,
+        summed_mse,
+        random_batches(x_train, y_train, 256, generator),
+        test_data,
+        steps,
+        label="test loss (sum of the two MSEs)",
+        summary=gate_usage,
+    )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = cli_parser(__doc__)
     parser.add_argument("--rho", type=float, default=0.5, help="task correlation in [-1, 1]")
     args = parser.parse_args()
     if not -1.0 <= args.rho <= 1.0:

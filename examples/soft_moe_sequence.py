@@ -10,9 +10,8 @@ sequence of random vectors by which of 4 fixed directions its mean is most align
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from _common import random_batches, run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
@@ -46,37 +45,20 @@ class SoftMoEClassifier(nn.Module):
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train for ``steps`` Adam steps on batches of 64 sequences; returns the held-out
     cross-entropy before and after."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     x_train, y_train = make_data(4096, generator)
-    x_test, y_test = make_data(512, generator)
+    test_data = make_data(512, generator)
     model = SoftMoEClassifier()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-
-    def evaluate() -> tuple[float, float]:
-        model.eval()
-        with torch.no_grad():
-            logits = model(x_test)
-        model.train()
-        accuracy = (logits.argmax(-1) == y_test).float().mean().item()
-        return nn.functional.cross_entropy(logits, y_test).item(), accuracy
-
-    first, accuracy = evaluate()
-    print(f"step 0: test loss {first:.4f}, accuracy {accuracy:.3f}")
-    for _ in range(steps):
-        batch = torch.randint(len(x_train), (64,), generator=generator)
-        loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    last, accuracy = evaluate()
-    print(f"step {steps}: test loss {last:.4f}, accuracy {accuracy:.3f}")
-    return first, last
+    return train(
+        model,
+        nn.functional.cross_entropy,
+        random_batches(x_train, y_train, 64, generator),
+        test_data,
+        steps,
+        lr=3e-3,
+        accuracy=True,
+    )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    main(args.steps, args.seed)
+    run_cli(main, __doc__)

@@ -11,14 +11,12 @@ random linear classifier.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from _common import random_batches, run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
-from moe_core.losses import collect_aux_losses, weighted_aux_loss
 from moe_core.routers import TopKRouter
 
 NUM_CLUSTERS, D_IN, NUM_CLASSES = 8, 8, 4
@@ -51,41 +49,21 @@ class TopKClassifier(nn.Module):
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train ``steps`` Adam steps on batches of 256; returns the held-out cross-entropy before
     and after."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     x_train, y_train = make_data(4096, generator)
-    x_test, y_test = make_data(1024, generator)
+    test_data = make_data(1024, generator)
     model = TopKClassifier()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-
-    def evaluate() -> tuple[float, float]:
-        model.eval()
-        with torch.no_grad():
-            logits = model(x_test)
-        model.train()
-        accuracy = (logits.argmax(-1) == y_test).float().mean().item()
-        return nn.functional.cross_entropy(logits, y_test).item(), accuracy
-
-    first, accuracy = evaluate()
-    print(f"step 0: test loss {first:.4f}, accuracy {accuracy:.3f}")
-    for _ in range(steps):
-        batch = torch.randint(len(x_train), (256,), generator=generator)
-        task_loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
-        loss = task_loss + weighted_aux_loss(collect_aux_losses(model), AUX_COEFFICIENTS)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    last, accuracy = evaluate()
-    stats = model.moe.last_stats
-    print(
-        f"step {steps}: test loss {last:.4f}, accuracy {accuracy:.3f}; load CV {stats.load_cv:.3f}"
+    return train(
+        model,
+        nn.functional.cross_entropy,
+        random_batches(x_train, y_train, 256, generator),
+        test_data,
+        steps,
+        aux_coefficients=AUX_COEFFICIENTS,
+        accuracy=True,
+        summary=lambda: f"load CV {model.moe.last_stats.load_cv:.3f}",
     )
-    return first, last
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    main(args.steps, args.seed)
+    run_cli(main, __doc__)

@@ -11,14 +11,12 @@ which keeps the dropped fraction low. The task: label every token by a fixed ran
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from _common import random_batches, run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
-from moe_core.losses import collect_aux_losses, weighted_aux_loss
 from moe_core.routers import SwitchRouter
 
 VOCAB, NUM_CLASSES, SEQ_LEN = 256, 16, 32
@@ -47,48 +45,36 @@ class SwitchTagger(nn.Module):
         return self.head(x_BND)
 
 
+def token_cross_entropy(logits_BNC: Tensor, labels_BN: Tensor) -> Tensor:
+    """Cross-entropy over every token of every sequence."""
+    return nn.functional.cross_entropy(logits_BNC.flatten(0, 1), labels_BN.flatten())
+
+
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train for ``steps`` Adam steps on batches of 32 sequences; returns the held-out
     cross-entropy before and after."""
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     tokens_train, labels_train = make_data(2048, generator)
-    tokens_test, labels_test = make_data(256, generator)
+    test_data = make_data(256, generator)
     model = SwitchTagger()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    dropped: list[float] = []  # fraction of the tokens over capacity, per training step
 
-    def test_loss() -> float:
-        model.eval()
-        with torch.no_grad():
-            logits = model(tokens_test)
-        model.train()
-        return nn.functional.cross_entropy(logits.flatten(0, 1), labels_test.flatten()).item()
+    def summary() -> str:
+        if not dropped:
+            return ""
+        return f"dropped tokens: first step {dropped[0]:.3f}, last step {dropped[-1]:.3f}"
 
-    first = test_loss()
-    print(f"step 0: test loss {first:.4f}")
-    dropped = []
-    for _ in range(steps):
-        batch = torch.randint(len(tokens_train), (32,), generator=generator)
-        logits = model(tokens_train[batch])
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels_train[batch].flatten())
-        loss = loss + weighted_aux_loss(collect_aux_losses(model), AUX_COEFFICIENTS)
-        dropped.append(model.moe.last_stats.dropped_fraction)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    last = test_loss()
-    print(
-        f"step {steps}: test loss {last:.4f}; dropped tokens: first step {dropped[0]:.3f}, "
-        f"last step {dropped[-1]:.3f}"
-        if dropped
-        else f"step {steps}: test loss {last:.4f}"
+    return train(
+        model,
+        token_cross_entropy,
+        random_batches(tokens_train, labels_train, 32, generator),
+        test_data,
+        steps,
+        aux_coefficients=AUX_COEFFICIENTS,
+        after_step=lambda step: dropped.append(model.moe.last_stats.dropped_fraction),
+        summary=summary,
     )
-    return first, last
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    main(args.steps, args.seed)
+    run_cli(main, __doc__)

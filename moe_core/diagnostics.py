@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_core.routing import Routing
+from moe_core.routing import Routing, check_mask
 
 
 @dataclass(frozen=True)
@@ -38,21 +38,6 @@ class RoutingStats:
     entropy: float
     load_cv: float
     dead_experts: int
-
-
-def _check_slot_mask(value: Tensor | None, length: int, name: str, legend: str) -> None:
-    if value is None:
-        return
-    if not isinstance(value, Tensor) or value.dtype != torch.bool or value.shape != (length,):
-        got = (
-            f"{value.dtype} {tuple(value.shape)}"
-            if isinstance(value, Tensor)
-            else type(value).__name__
-        )
-        raise ValueError(
-            f"routing_stats: {name} must be a bool tensor of shape ({legend},) = ({length},), "
-            f"got {got}"
-        )
 
 
 def _load_cv(counts_E: Tensor) -> float:
@@ -80,8 +65,9 @@ def routing_stats(
     token_S, expert_S, _ = routing.assignments()
     T, E = routing.probs_TE.shape
     device = routing.probs_TE.device
-    _check_slot_mask(kept_S, token_S.shape[0], "kept_S", "S")
-    _check_slot_mask(mask_T, T, "mask_T", "T")
+    where = "routing_stats"
+    check_mask(kept_S, token_S.shape[0], "kept_S", where, dims="S", true_for="kept assignments")
+    check_mask(mask_T, T, "mask_T", where, dims="T")
 
     real_T = torch.ones(T, dtype=torch.bool, device=device) if mask_T is None else mask_T.to(device)
     real_S = real_T[token_S]

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from moe_core.routing import Routing
+from moe_core.routing import Routing, check_mask, describe_tensor
 
 AUX_LOSS_NAMES: tuple[str, ...] = ("load_balance", "z_loss", "importance")
 """The loss names MoE layers put in ``last_aux_losses``; `weighted_aux_loss` accepts only these."""
@@ -43,20 +43,7 @@ def _token_weights(
     """The mask as float32 weights ``(T,)`` (1 = real token), or None when there is no mask."""
     if mask_T is None:
         return None
-    if (
-        not isinstance(mask_T, Tensor)
-        or mask_T.dtype != torch.bool
-        or mask_T.shape != (num_tokens,)
-    ):
-        got = (
-            f"{mask_T.dtype} {tuple(mask_T.shape)}"
-            if isinstance(mask_T, Tensor)
-            else type(mask_T).__name__
-        )
-        raise ValueError(
-            f"{where}: mask_T must be a bool tensor of shape (T,) = ({num_tokens},) with True "
-            f"for real tokens, got {got}"
-        )
+    check_mask(mask_T, num_tokens, "mask_T", where, dims="T")
     return mask_T.to(device=like.device, dtype=torch.float32)
 
 
@@ -77,13 +64,9 @@ def load_balancing_loss(
         or expert_indices_TK.shape[0] != T
         or expert_indices_TK.dtype != torch.int64
     ):
-        got = (
-            f"{expert_indices_TK.dtype} {tuple(expert_indices_TK.shape)}"
-            if isinstance(expert_indices_TK, Tensor)
-            else type(expert_indices_TK).__name__
-        )
         raise ValueError(
-            f"{where}: expert_indices_TK must be an int64 tensor (T={T}, K), got {got}"
+            f"{where}: expert_indices_TK must be an int64 tensor (T={T}, K), "
+            f"got {describe_tensor(expert_indices_TK)}"
         )
     K = expert_indices_TK.shape[1]
     probs_TE = probs_TE.float()

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_core.expert_choice import ExpertChoiceRouter
-from moe_core.routing import Routing, check_features, check_positive_int
+from moe_core.routing import Routing, check_features, check_positive_int, describe_tensor
 
 GATE_INIT_STD = 0.02
 NORMALIZE_CHOICES = ("softmax_then_topk", "topk_then_softmax")
@@ -311,14 +311,9 @@ class HashRouter(nn.Module):
             or token_ids_T.dtype == torch.bool
             or token_ids_T.shape not in (x.shape[:-1], (T,))
         ):
-            got = (
-                f"{token_ids_T.dtype} {tuple(token_ids_T.shape)}"
-                if isinstance(token_ids_T, Tensor)
-                else type(token_ids_T).__name__
-            )
             raise ValueError(
                 f"HashRouter: token_ids_T must be an integer tensor shaped like x's leading dims "
-                f"{tuple(x.shape[:-1])} or ({T},), got {got}"
+                f"{tuple(x.shape[:-1])} or ({T},), got {describe_tensor(token_ids_T)}"
             )
         ids_T = token_ids_T.reshape(T).to(device=self.table_V.device, dtype=torch.int64)
         if T and bool(((ids_T < 0) | (ids_T >= self.vocab_size)).any()):

@@ -114,6 +114,47 @@ def check_features(x: Tensor, d_model: int, *, name: str = "x", where: str = "in
         )
 
 
+def describe_tensor(value: object) -> str:
+    """``"torch.int64 (4, 2)"`` for a tensor (dtype and shape), else the type name: the "got" part
+    of an input-check error message."""
+    if isinstance(value, Tensor):
+        return f"{value.dtype} {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def check_mask(
+    mask: Tensor | None,
+    length_or_shape: int | tuple[int, ...],
+    name: str,
+    where: str,
+    *,
+    dims: str | None = None,
+    true_for: str = "real tokens",
+) -> None:
+    """Raise a ValueError that says what is wrong unless ``mask`` is None or a bool tensor of
+    exactly ``length_or_shape``.
+
+    Args:
+        dims: the expected shape in legend letters for the message, e.g. ``"T"`` or ``"B, N"``.
+        true_for: what a True entry means, for the message (``"real tokens"``, ``"kept slots"``).
+    """
+    if mask is None:
+        return
+    shape = (length_or_shape,) if isinstance(length_or_shape, int) else tuple(length_or_shape)
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool and tuple(mask.shape) == shape:
+        return
+    expected = str(shape)
+    if dims:
+        expected = f"({dims}{',' if len(shape) == 1 else ''}) = {shape}"
+    fix = ""
+    if isinstance(mask, Tensor) and tuple(mask.shape) == shape:
+        fix = f"; convert it with {name}.bool()"
+    raise ValueError(
+        f"{where}: {name} must be a bool tensor of shape {expected} with True for {true_for}, "
+        f"got {describe_tensor(mask)}{fix}"
+    )
+
+
 def check_positive_int(value: int, name: str, *, minimum: int = 1, maximum: int | None = None) -> None:
     """Raise a ValueError naming ``name`` unless ``minimum <= value <= maximum``."""
     if isinstance(value, bool) or not isinstance(value, int):

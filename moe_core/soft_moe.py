@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from moe_core.diagnostics import RoutingStats, routing_stats
 from moe_core.layer import MoEOutput
-from moe_core.routing import Routing, check_features, check_positive_int
+from moe_core.routing import Routing, check_features, check_mask, check_positive_int
 
 
 class SoftMoE(nn.Module):
@@ -111,20 +111,7 @@ class SoftMoE(nn.Module):
                 f"SoftMoE: x must have shape (B, N, d_model={self.d_model}) (a batch of "
                 f"sequences), got {tuple(x.shape)}; add a batch dim with x[None] for one sequence"
             )
-        if token_mask is not None and (
-            not isinstance(token_mask, Tensor)
-            or token_mask.dtype != torch.bool
-            or token_mask.shape != x.shape[:2]
-        ):
-            got = (
-                f"{token_mask.dtype} {tuple(token_mask.shape)}"
-                if isinstance(token_mask, Tensor)
-                else type(token_mask).__name__
-            )
-            raise ValueError(
-                f"SoftMoE: token_mask must be a bool tensor (B, N) = {tuple(x.shape[:2])} with "
-                f"True for real tokens, got {got}"
-            )
+        check_mask(token_mask, tuple(x.shape[:2]), "token_mask", "SoftMoE", dims="B, N")
 
     def logits(self, x_BND: Tensor) -> Tensor:
         """Slot logits ``(B, N, E*S)`` in at least float32."""

@@ -1,8 +1,9 @@
 """Every runnable example in examples/ trains: its loss goes down meaningfully in a few dozen steps.
 
 Parametrized over the files in examples/ (a new example is picked up automatically; files starting
-with ``_`` are helpers, not examples). Each example exposes ``main(steps, seed=0) -> (first, last)``
-and an argparse entry point; both are exercised here.
+with ``_`` are helpers, not examples: ``_common.py`` holds their shared training loop). Each example
+exposes ``main(steps, seed=0) -> (first, last)`` and an argparse entry point; both are exercised
+here.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def examples_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The examples import their shared helpers with ``from _common import ...``, which works when
+    the examples folder is on ``sys.path`` (as it is for ``python examples/NAME.py``)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES_DIR))
 
 
 def _load(path: Path) -> ModuleType:
