@@ -10,12 +10,13 @@ is a different linear function in each quadrant of the plane, so each expert can
 from __future__ import annotations
 
 import torch
-from _common import run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
 from moe_core.routers import SoftmaxRouter
+
+from _common import run_cli, seeded, train
 
 
 def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -12,12 +12,13 @@ one expert per cluster is the natural solution.
 from __future__ import annotations
 
 import torch
-from _common import random_batches, run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
 from moe_core.routers import GumbelRouter
+
+from _common import random_batches, run_cli, seeded, train
 
 NUM_CLUSTERS, D_IN = 4, 4
 AUX_COEFFICIENTS = {"load_balance": 0.05}

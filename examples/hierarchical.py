@@ -12,12 +12,13 @@ far-apart super-clusters, each split into 4 sub-clusters with their own linear t
 from __future__ import annotations
 
 import torch
-from _common import random_batches, run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
 from moe_core.routers import HierarchicalRouter
+
+from _common import random_batches, run_cli, seeded, train
 
 NUM_GROUPS, PER_GROUP, D_IN = 2, 4, 6
 AUX_COEFFICIENTS = {"load_balance": 0.05}

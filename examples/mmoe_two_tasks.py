@@ -12,10 +12,11 @@ the tasks less related, which is where per-task gates help.
 from __future__ import annotations
 
 import torch
-from _common import cli_parser, random_batches, seeded, train
 from torch import Tensor, nn
 
 from moe_core.multigate import MMoE
+
+from _common import cli_parser, random_batches, seeded, train
 
 D_IN, NUM_SINES = 16, 10
 

@@ -14,13 +14,14 @@ shared expert) and a cluster-specific part (for the routed experts).
 from __future__ import annotations
 
 import torch
-from _common import random_batches, run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import FFN, ExpertBank
 from moe_core.layer import MoE
 from moe_core.losses import collect_aux_losses
 from moe_core.routers import TopKRouter
+
+from _common import random_batches, run_cli, seeded, train
 
 NUM_CLUSTERS, D_IN = 8, 8
 AUX_COEFFICIENTS = {"load_balance": 0.01, "z_loss": 0.001}

@@ -11,11 +11,12 @@ sequence of random vectors by which of 4 fixed directions its mean is most align
 from __future__ import annotations
 
 import torch
-from _common import random_batches, run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
 from moe_core.soft_moe import SoftMoE
+
+from _common import random_batches, run_cli, seeded, train
 
 D_IN, SEQ_LEN, NUM_CLASSES = 8, 16, 4
 

@@ -12,12 +12,13 @@ random linear classifier.
 from __future__ import annotations
 
 import torch
-from _common import random_batches, run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
 from moe_core.routers import TopKRouter
+
+from _common import random_batches, run_cli, seeded, train
 
 NUM_CLUSTERS, D_IN, NUM_CLASSES = 8, 8, 4
 AUX_COEFFICIENTS = {"importance": 0.1, "load_balance": 0.01}

@@ -12,12 +12,13 @@ which keeps the dropped fraction low. The task: label every token by a fixed ran
 from __future__ import annotations
 
 import torch
-from _common import random_batches, run_cli, seeded, train
 from torch import Tensor, nn
 
 from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
 from moe_core.routers import SwitchRouter
+
+from _common import random_batches, run_cli, seeded, train
 
 VOCAB, NUM_CLASSES, SEQ_LEN = 256, 16, 32
 AUX_COEFFICIENTS = {"load_balance": 0.01}
