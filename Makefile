@@ -17,6 +17,7 @@ lint: setup
 	$(VENV)/bin/ruff check moe_core moe_apps tests benchmarks examples
 
 train: setup
+	$(VENV)/bin/moe-apps data download movielens-100k
 	$(VENV)/bin/moe-apps recsys train
 
 clean:

@@ -39,7 +39,7 @@ from moe_core.layer import MoE
 from moe_core.routers import SoftmaxRouter, TopKRouter
 
 VARIANTS = ("ours", "ours_compiled", "naive", "dense_soft", "dense_equiv")
-KERNEL_VARIANTS = ("ours_padded", "ours_grouped", "ours_loop")
+KERNEL_VARIANTS = ("ours_padded", "ours_bucketed", "ours_grouped", "ours_loop")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

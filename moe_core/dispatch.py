@@ -100,7 +100,7 @@ def sort_slots(expert_S: Tensor, num_experts: int, capacity: int | None = None) 
 
 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
-METHODS = ("auto", "padded", "grouped", "loop")
+METHODS = ("auto", "padded", "bucketed", "grouped", "loop")
 PAD_LIMIT = 1.5
 """``auto`` pads experts to a common row count only while padded rows <= PAD_LIMIT x real rows."""
 
@@ -196,6 +196,162 @@ class _Padded:
 
     def expert_rows(self, b: Tensor) -> Tensor:
         return b.unsqueeze(1)
+
+
+TIER_LEVEL_ROWS = 16
+"""`tier_plan`: cost of one expert in one tier (its weights read once more, one more GEMM), in rows."""
+TIER_COPY_ROWS = 32
+"""`tier_plan`: cost of copying one expert's weights (and adding its gradient back), in rows."""
+MAX_TIERS = 4
+
+
+def tier_plan(counts: list[int]) -> list[tuple[list[int], int, int]]:
+    """Tiers ``(experts, lo, hi)`` of the ``bucketed`` layout, bottom tier first.
+
+    Tier 1 holds every expert (in order, so its weights need no copy) and rows ``[0, hi_1)`` of
+    each; tier l holds only the experts with more than ``hi_{l-1}`` rows and their rows
+    ``[hi_{l-1}, hi_l)``; the top tier ends at the largest count. Every expert is thus padded to
+    the first tier end at or above its count, as if the experts sorted by count were split into
+    buckets each padded to its own largest count. The tier ends minimise (exact dynamic program
+    over the sorted counts, at most `MAX_TIERS` tiers) the padded rows plus `TIER_LEVEL_ROWS` per
+    expert per tier plus `TIER_COPY_ROWS` per expert whose weights a tier above the first copies.
+    One tier is the ``padded`` layout.
+    """
+    E = len(counts)
+    order = sorted(range(E), key=lambda e: -counts[e])
+    c = [counts[e] for e in order]
+    c_I = torch.tensor(c, dtype=torch.float64)
+    i_I1, j_1J = torch.arange(E, dtype=torch.float64).unsqueeze(1), torch.arange(E + 1.0).unsqueeze(0)
+    # bucket [i, j) of the sorted experts: (j - i) * c[i] padded rows, plus the per-expert costs
+    # of the tier it ends (which holds the busiest j experts); a bucket starts where a count drops
+    tier_J = TIER_LEVEL_ROWS * j_1J + TIER_COPY_ROWS * j_1J * (j_1J < E)
+    start_ok_I1 = torch.ones(E, 1, dtype=torch.bool)
+    start_ok_I1[1:, 0] = c_I[1:] < c_I[:-1]
+    cost_IJ = ((j_1J - i_I1) * c_I.unsqueeze(1) + tier_J).masked_fill(~start_ok_I1 | (j_1J <= i_I1), math.inf)
+    best_J = torch.full((E + 1,), math.inf, dtype=torch.float64)
+    best_J[0] = 0.0
+    backs, totals = [], []
+    for _ in range(MAX_TIERS):  # best_J[j]: the busiest j experts in (one more) bucket(s)
+        best_J, back_J = (best_J[:E].unsqueeze(1) + cost_IJ).min(0)
+        backs.append(back_J.tolist())
+        totals.append(float(best_J[E]))
+    m = min(range(MAX_TIERS), key=lambda m: totals[m])
+    bounds, j = [E], E
+    for k in range(m, -1, -1):
+        j = backs[k][j]
+        bounds.append(j)
+    bounds.reverse()  # 0 = b_0 < b_1 < ... < b_m = E; bucket k is sorted experts [b_k, b_k+1)
+    tiers, lo = [], 0
+    for k in range(len(bounds) - 2, -1, -1):
+        hi = c[bounds[k]]
+        experts = list(range(E)) if k == len(bounds) - 2 else sorted(order[: bounds[k + 1]])
+        tiers.append((experts, lo, hi))
+        lo = hi
+    return tiers
+
+
+class _Bucketed:
+    """``bmm`` per tier (`tier_plan`): tier l is ``(E_l, hi_l - lo_l, .)`` rows, the tiers one
+    after another in flat rows, plus one spare row that stays zero (dropped slots point there).
+    Tier 1 uses the weights as they are, the others an ``index_select`` copy of their experts'
+    weights; their weight gradients are ``index_add_``-ed back. Padding rows read distinct tokens,
+    weight 0."""
+
+    def __init__(self, counts_E: Tensor, token_S: Tensor, weight_S: Tensor,
+                 tiers: list[tuple[list[int], int, int]], num_tokens: int) -> None:
+        E, S, device = counts_E.shape[0], token_S.shape[0], token_S.device
+        ends_E = torch.cumsum(counts_E, 0)
+        rows_S = torch.arange(S, device=device)
+        expert_S = torch.bucketize(rows_S, ends_E, right=True)  # E for dropped slots
+        rank_S = rows_S - torch.cat([ends_E.new_zeros(1), ends_E])[expert_S]
+        self.tiers: list[tuple[Tensor | None, int, int, int]] = []  # (experts, offset, n, width)
+        expert_parts, offset = [], 0
+        row_S = torch.full_like(rows_S, -1)
+        for k, (experts, lo, hi) in enumerate(tiers):
+            width, n = hi - lo, len(experts)
+            if k > 0 and width == 0:
+                continue
+            idx = torch.tensor(experts, dtype=torch.long, device=device)
+            position_E = torch.full((E + 1,), -1, dtype=torch.long, device=device)
+            position_E[idx] = torch.arange(n, device=device)
+            here_S = (rank_S >= lo) & (rank_S < hi) & (expert_S < E)
+            row_S = torch.where(here_S, offset + position_E[expert_S] * width + rank_S - lo, row_S)
+            self.tiers.append((None if k == 0 else idx, offset, n, width))
+            expert_parts.append(idx.repeat_interleave(width))
+            offset += n * width
+        spare = offset
+        self.row_S = torch.where(row_S < 0, spare, row_S)
+        self.expert_R = torch.cat(expert_parts)
+        self.num_experts = E
+        filler_R = torch.arange(spare + 1, device=device) % max(num_tokens, 1)
+        self.token_R = filler_R.index_copy_(0, self.row_S, token_S)[:spare]
+        self.weight_R = weight_S.new_zeros(spare + 1).index_copy_(0, self.row_S, weight_S)[:spare]
+        self.valid_R1 = None
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        """Per tier: its rows ``(n, width, .)`` of ``flat``."""
+        return [flat[offset : offset + n * width].view(n, width, flat.shape[-1])
+                for _, offset, n, width in self.tiers]
+
+    def _weights(self, w: Tensor, b: Tensor | None = None):
+        """Per tier: its experts' weights ``(n, ., .)`` and bias rows ``(n, 1, .)`` (or None)."""
+        transposed = not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
+        for idx, _, _, _ in self.tiers:
+            if idx is None:
+                yield w, None if b is None else b.unsqueeze(1)
+            elif transposed:  # copy the stored layout, not a transposing gather
+                yield w.transpose(1, 2).index_select(0, idx).transpose(1, 2), None
+            else:
+                yield w.index_select(0, idx), None if b is None else b.index_select(0, idx).unsqueeze(1)
+
+    def rows(self, flat: Tensor) -> Tensor:
+        return flat.contiguous()
+
+    def flat(self, rows: Tensor) -> Tensor:
+        return rows
+
+    def mm(self, a: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+        out = a.new_empty(a.shape[0], w.shape[-1])
+        pieces = zip(self._views(a), self._weights(w, b), self._views(out), strict=True)
+        for a_l, (w_l, b_l), o_l in pieces:
+            if b_l is None:
+                torch.bmm(a_l, w_l, out=o_l)
+            else:
+                torch.baddbmm(b_l, a_l, w_l, out=o_l)
+        return out
+
+    def gather_flat(self, src: Tensor) -> Tensor:
+        """``src[token_R]`` in ``(R + 1, .)`` rows whose last (spare) row is zero."""
+        buf = src.new_empty(self.token_R.shape[0] + 1, src.shape[-1])
+        buf[-1].zero_()
+        torch.index_select(src, 0, self.token_R, out=buf[:-1])
+        return buf
+
+    def mm_flat(self, a: Tensor, w: Tensor, buf: Tensor | None = None) -> Tensor:
+        """``mm`` written into ``(R + 1, .)`` rows (``buf``, reused if given) whose last (spare)
+        row is zero."""
+        if buf is None:
+            buf = a.new_empty(a.shape[0] + 1, w.shape[-1])
+        buf[-1].zero_()
+        pieces = zip(self._views(a), self._weights(w), self._views(buf[:-1]), strict=True)
+        for a_l, (w_l, _), o_l in pieces:
+            torch.bmm(a_l, w_l, out=o_l)
+        return buf
+
+    def wgrad(self, a: Tensor, g: Tensor) -> Tensor:
+        grad = a.new_empty(0)
+        for (idx, _, _, _), a_l, g_l in zip(self.tiers, self._views(a), self._views(g), strict=True):
+            if idx is None:
+                grad = torch.bmm(a_l.transpose(1, 2), g_l)
+            else:
+                grad.index_add_(0, idx, torch.bmm(a_l.transpose(1, 2), g_l))
+        return grad
+
+    def bgrad(self, g: Tensor) -> Tensor:
+        return g.new_zeros(self.num_experts, g.shape[-1]).index_add_(0, self.expert_R, g)
+
+    def expert_rows(self, b: Tensor) -> Tensor:
+        return b.index_select(0, self.expert_R)
 
 
 class _Grouped:
@@ -356,10 +512,11 @@ def expert_ffn_combine(
     grouped_ok = grouped_mm_supported(x_TD, x_TD.shape[1], w_in.shape[2], w_out.shape[1], w_out.shape[2])
     if method == "auto" and grouped_ok and (torch.compiler.is_compiling() or x_TD.device.type == "cuda"):
         method = "grouped"
-    largest, total = 0, S
+    counts, largest, total = [], 0, S
     no_sync = torch.compiler.is_compiling() or x_TD.device.type != "cpu"
     if method != "grouped" or not no_sync:  # one host sync: check the counts, size the padding
-        total, largest = (int(v) for v in torch.stack([counts_E.sum(), counts_E.max()]).tolist())
+        counts = counts_E.tolist()
+        total, largest = sum(counts), max(counts)
         if total > S:
             raise ValueError(f"counts_E sums to {total} but there are only {S} slots")
     if method == "auto":
@@ -377,10 +534,12 @@ def expert_ffn_combine(
             "method='grouped' needs torch._grouped_mm with 16-byte aligned rows on this device "
             f"(d_model/d_hidden multiples of {16 // x_TD.element_size()}); use 'padded' or 'loop'"
         )
-    layout = (
-        _Grouped(counts_E, token_S, weight_S) if method == "grouped"
-        else _Padded(counts_E, token_S, weight_S, largest, x_TD.shape[0])
-    )
+    if method == "bucketed":
+        layout = _Bucketed(counts_E, token_S, weight_S, tier_plan(counts), x_TD.shape[0])
+    elif method == "grouped":
+        layout = _Grouped(counts_E, token_S, weight_S)
+    else:
+        layout = _Padded(counts_E, token_S, weight_S, largest, x_TD.shape[0])
     rows_KT = None if slot_KT is None else layout.row_S[slot_KT]
     return _ExpertFFNCombine.apply(
         x_TD, layout.weight_R, w_in, w_out, b_in, b_out, layout, activation, rows_KT
