@@ -5,9 +5,10 @@ gradients set to None before each step, as ``optimizer.zero_grad()`` does):
 
 * ``ours``          -- ``moe_core.layer.MoE(TopKRouter, ExpertBank)``, dropless, eager;
 * ``ours_compiled`` -- the same layer under ``torch.compile`` (compile time not timed);
-* ``ours_padded`` / ``ours_grouped`` / ``ours_loop`` -- the layer with one expert kernel forced
-                       (``ExpertBank(method=...)``: padded ``bmm``, ``torch._grouped_mm``, one
-                       matmul per expert), to compare the kernels ``auto`` chooses between;
+* ``ours_padded`` / ``ours_bucketed`` / ``ours_grouped`` / ``ours_loop`` -- the layer with one
+                       expert kernel forced (``ExpertBank(method=...)``: padded ``bmm``, one
+                       ``bmm`` per tier of padding, ``torch._grouped_mm``, one matmul per
+                       expert), to compare the kernels ``auto`` chooses between;
 * ``naive``         -- the per-expert masked loop a tutorial writes: ``nn.ModuleList`` of FFNs, a
                        boolean mask per expert, ``out[mask] += gate * expert(x[mask])``;
 * ``dense_soft``    -- soft gating: every expert on every token, weighted by the softmax (skipped

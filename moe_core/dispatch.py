@@ -7,8 +7,9 @@ once on its block of rows, scale by the combine weights and sum back per token. 
 O(S * D): no ``(T, E, C)`` or ``(T, K, E)`` one-hot anywhere, and no host sync in the sort.
 
 For `ExpertBank` the gather, the expert FFN and the combine are one autograd node
-(`expert_ffn_combine`), computed on one of three layouts chosen by measurement (docs/BENCHMARKS.md):
-rows padded to the largest expert and ``bmm`` (fastest on CPU), ``torch._grouped_mm`` over the
+(`expert_ffn_combine`), computed on one of four layouts chosen by measurement (docs/BENCHMARKS.md):
+rows padded to the largest expert and ``bmm``, experts padded in a few tiers of rows with one
+``bmm`` per tier (less padding when routing is uneven), ``torch._grouped_mm`` over the
 sorted rows (no host sync; CUDA bf16 and ``torch.compile``), or one matmul per expert. Token-choice
 slots are k-major, so the combine is K row gathers (deterministic) rather than an ``index_add_``.
 
@@ -102,7 +103,7 @@ def sort_slots(expert_S: Tensor, num_experts: int, capacity: int | None = None) 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 METHODS = ("auto", "padded", "bucketed", "grouped", "loop")
 PAD_LIMIT = 1.5
-"""``auto`` pads experts to a common row count only while padded rows <= PAD_LIMIT x real rows."""
+"""``auto`` pads experts (to one row count or in tiers) only while padded rows <= PAD_LIMIT x real."""
 
 
 def apply_activation(h: Tensor, activation: str) -> Tensor:
@@ -199,9 +200,11 @@ class _Padded:
 
 
 TIER_LEVEL_ROWS = 16
-"""`tier_plan`: cost of one expert in one tier (its weights read once more, one more GEMM), in rows."""
+"""`tier_plan`: cost of one expert in one tier (its weights read again, one more GEMM), in rows."""
 TIER_COPY_ROWS = 32
 """`tier_plan`: cost of copying one expert's weights (and adding its gradient back), in rows."""
+TIER_FIXED_ROWS = 512
+"""`tier_plan`: fixed cost of a tier above the first (about ten more kernel launches), in rows."""
 MAX_TIERS = 4
 
 
@@ -214,20 +217,22 @@ def tier_plan(counts: list[int]) -> list[tuple[list[int], int, int]]:
     the first tier end at or above its count, as if the experts sorted by count were split into
     buckets each padded to its own largest count. The tier ends minimise (exact dynamic program
     over the sorted counts, at most `MAX_TIERS` tiers) the padded rows plus `TIER_LEVEL_ROWS` per
-    expert per tier plus `TIER_COPY_ROWS` per expert whose weights a tier above the first copies.
-    One tier is the ``padded`` layout.
+    expert per tier plus, per tier above the first, `TIER_FIXED_ROWS` and `TIER_COPY_ROWS` per
+    expert whose weights it copies. One tier is the ``padded`` layout.
     """
     E = len(counts)
     order = sorted(range(E), key=lambda e: -counts[e])
     c = [counts[e] for e in order]
     c_I = torch.tensor(c, dtype=torch.float64)
-    i_I1, j_1J = torch.arange(E, dtype=torch.float64).unsqueeze(1), torch.arange(E + 1.0).unsqueeze(0)
+    i_I1 = torch.arange(E, dtype=torch.float64).unsqueeze(1)
+    j_1J = torch.arange(E + 1, dtype=torch.float64).unsqueeze(0)
     # bucket [i, j) of the sorted experts: (j - i) * c[i] padded rows, plus the per-expert costs
     # of the tier it ends (which holds the busiest j experts); a bucket starts where a count drops
-    tier_J = TIER_LEVEL_ROWS * j_1J + TIER_COPY_ROWS * j_1J * (j_1J < E)
+    tier_J = TIER_LEVEL_ROWS * j_1J + (TIER_COPY_ROWS * j_1J + TIER_FIXED_ROWS) * (j_1J < E)
     start_ok_I1 = torch.ones(E, 1, dtype=torch.bool)
     start_ok_I1[1:, 0] = c_I[1:] < c_I[:-1]
-    cost_IJ = ((j_1J - i_I1) * c_I.unsqueeze(1) + tier_J).masked_fill(~start_ok_I1 | (j_1J <= i_I1), math.inf)
+    cost_IJ = (j_1J - i_I1) * c_I.unsqueeze(1) + tier_J
+    cost_IJ.masked_fill_(~start_ok_I1 | (j_1J <= i_I1), math.inf)
     best_J = torch.full((E + 1,), math.inf, dtype=torch.float64)
     best_J[0] = 0.0
     backs, totals = [], []
@@ -253,8 +258,8 @@ def tier_plan(counts: list[int]) -> list[tuple[list[int], int, int]]:
 class _Bucketed:
     """``bmm`` per tier (`tier_plan`): tier l is ``(E_l, hi_l - lo_l, .)`` rows, the tiers one
     after another in flat rows, plus one spare row that stays zero (dropped slots point there).
-    Tier 1 uses the weights as they are, the others an ``index_select`` copy of their experts'
-    weights; their weight gradients are ``index_add_``-ed back. Padding rows read distinct tokens,
+    Tier 1 uses the weights as they are, the others a copy of their experts' weights (made once,
+    reused in backward); their weight gradients are added back. Padding rows read distinct tokens,
     weight 0."""
 
     def __init__(self, counts_E: Tensor, token_S: Tensor, weight_S: Tensor,
@@ -283,6 +288,7 @@ class _Bucketed:
         self.row_S = torch.where(row_S < 0, spare, row_S)
         self.expert_R = torch.cat(expert_parts)
         self.num_experts = E
+        self._copies: dict[tuple, Tensor] = {}
         filler_R = torch.arange(spare + 1, device=device) % max(num_tokens, 1)
         self.token_R = filler_R.index_copy_(0, self.row_S, token_S)[:spare]
         self.weight_R = weight_S.new_zeros(spare + 1).index_copy_(0, self.row_S, weight_S)[:spare]
@@ -296,13 +302,17 @@ class _Bucketed:
     def _weights(self, w: Tensor, b: Tensor | None = None):
         """Per tier: its experts' weights ``(n, ., .)`` and bias rows ``(n, 1, .)`` (or None)."""
         transposed = not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
-        for idx, _, _, _ in self.tiers:
+        stored = w.transpose(1, 2) if transposed else w
+        for k, (idx, _, _, _) in enumerate(self.tiers):
             if idx is None:
                 yield w, None if b is None else b.unsqueeze(1)
-            elif transposed:  # copy the stored layout, not a transposing gather
-                yield w.transpose(1, 2).index_select(0, idx).transpose(1, 2), None
-            else:
-                yield w.index_select(0, idx), None if b is None else b.index_select(0, idx).unsqueeze(1)
+                continue
+            # backward reuses the forward's copies (same storage, unchanged version)
+            key = (k, stored.data_ptr(), stored._version, stored.shape)
+            if key not in self._copies:
+                self._copies[key] = stored[idx]  # measured faster than index_select on CPU
+            w_l = self._copies[key].transpose(1, 2) if transposed else self._copies[key]
+            yield w_l, None if b is None else b.index_select(0, idx).unsqueeze(1)
 
     def rows(self, flat: Tensor) -> Tensor:
         return flat.contiguous()
@@ -340,11 +350,12 @@ class _Bucketed:
 
     def wgrad(self, a: Tensor, g: Tensor) -> Tensor:
         grad = a.new_empty(0)
-        for (idx, _, _, _), a_l, g_l in zip(self.tiers, self._views(a), self._views(g), strict=True):
+        tiers = zip(self.tiers, self._views(a), self._views(g), strict=True)
+        for (idx, _, _, _), a_l, g_l in tiers:
             if idx is None:
                 grad = torch.bmm(a_l.transpose(1, 2), g_l)
             else:
-                grad.index_add_(0, idx, torch.bmm(a_l.transpose(1, 2), g_l))
+                grad.index_put_((idx,), torch.bmm(a_l.transpose(1, 2), g_l), accumulate=True)
         return grad
 
     def bgrad(self, g: Tensor) -> Tensor:
@@ -497,12 +508,15 @@ def expert_ffn_combine(
     ``counts_E.sum()`` (dropped) are skipped. ``slot_KT`` (optional): token t's slots are exactly
     ``slot_KT[:, t]`` (positions in the sorted order) -- the combine is then K gathers instead of an
     ``index_add_``. ``ffn_e(x) = act(x @ w_in[e] + b_in[e]) @ w_out[e] +
-    b_out[e]``. Methods: ``padded`` -- rows padded to the largest count and ``bmm`` (fastest on CPU;
-    one host sync for that count); ``grouped`` -- ``torch._grouped_mm`` (no host sync, so it traces
-    without a graph break; needs 16-byte aligned widths); ``loop`` -- one matmul per expert.
-    ``auto``: ``grouped`` under ``torch.compile`` (16-bit floats on CPU) or on CUDA bf16 when
-    supported, else ``padded`` unless routing is so uneven that padding would exceed `PAD_LIMIT`
-    rows, then ``grouped`` (``loop`` where grouped GEMM is unavailable).
+    b_out[e]``. Methods: ``padded`` -- rows padded to the largest count and ``bmm`` (one host sync
+    for that count); ``bucketed`` -- the experts padded in tiers (`tier_plan`), one ``bmm`` per
+    tier, less padding when routing is uneven (one host sync for the counts); ``grouped`` --
+    ``torch._grouped_mm`` (no host sync, so it traces without a graph break; needs 16-byte aligned
+    widths); ``loop`` -- one matmul per expert. ``auto``: ``grouped`` under ``torch.compile``
+    (16-bit floats on CPU) or on CUDA bf16 when supported, else ``bucketed`` on CPU (``padded``
+    where `tier_plan` finds one tier best, and off CPU) unless routing is so uneven that its
+    padding would exceed `PAD_LIMIT` rows, then ``grouped`` (``loop`` where grouped GEMM is
+    unavailable).
     """
     S, E = token_S.shape[0], w_in.shape[0]
     if counts_E.shape != (E,):
@@ -519,11 +533,16 @@ def expert_ffn_combine(
         total, largest = sum(counts), max(counts)
         if total > S:
             raise ValueError(f"counts_E sums to {total} but there are only {S} slots")
-    if method == "auto":
-        padded_ok = E * largest <= PAD_LIMIT * max(total, 1)
+    tiers = tier_plan(counts) if method == "bucketed" else []
+    if method == "auto":  # tiers measured on CPU only (docs/BENCHMARKS.md); one tier = padded
+        tiers = tier_plan(counts) if x_TD.device.type == "cpu" else [(list(range(E)), 0, largest)]
+        padded_rows = sum(len(experts) * (hi - lo) for experts, lo, hi in tiers)
         # beyond the padding limit: grouped GEMM (no padding; on CPU measured ~2x faster than the
         # per-expert loop at E = 128, docs/BENCHMARKS.md), the loop only where it is unavailable
-        method = "padded" if padded_ok else "grouped" if grouped_ok else "loop"
+        if padded_rows <= PAD_LIMIT * max(total, 1):
+            method = "padded" if len(tiers) == 1 else "bucketed"
+        else:
+            method = "grouped" if grouped_ok else "loop"
     weight_S = weight_S.to(x_TD.dtype)
     if method == "loop":
         y_SD = _ffn_loop(x_TD.index_select(0, token_S), [*counts_E.tolist(), S - total],
@@ -535,7 +554,7 @@ def expert_ffn_combine(
             f"(d_model/d_hidden multiples of {16 // x_TD.element_size()}); use 'padded' or 'loop'"
         )
     if method == "bucketed":
-        layout = _Bucketed(counts_E, token_S, weight_S, tier_plan(counts), x_TD.shape[0])
+        layout = _Bucketed(counts_E, token_S, weight_S, tiers, x_TD.shape[0])
     elif method == "grouped":
         layout = _Grouped(counts_E, token_S, weight_S)
     else:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
 
+from moe_core import dispatch
 from moe_core.dispatch import (
     apply_activation,
     dispatch_combine,
     expert_capacity,
     expert_ffn_combine,
     sort_slots,
+    tier_plan,
 )
 from moe_core.experts import ExpertBank, ModuleExperts
 
@@ -63,14 +67,23 @@ def _reference(x_TD, token_S, expert_S, weight_S, keep_S, params, activation):
     return torch.stack([sum(r, torch.zeros_like(out[0])) for r in rows])
 
 
-@pytest.mark.parametrize("method", ["auto", "padded", "grouped", "loop"])
+def _many_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free tiers, so that ``bucketed`` splits even these few rows into several."""
+    monkeypatch.setattr(dispatch, "TIER_LEVEL_ROWS", 0)
+    monkeypatch.setattr(dispatch, "TIER_COPY_ROWS", 0)
+    monkeypatch.setattr(dispatch, "TIER_FIXED_ROWS", 0)
+
+
+@pytest.mark.parametrize("method", ["auto", "padded", "bucketed", "grouped", "loop"])
 @pytest.mark.parametrize("capacity", [None, 3])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("gather_plan", [False, True])
 def test_fused_expert_ffn_combine_matches_loop(
-    method: str, capacity: int | None, activation: str, bias: bool, gather_plan: bool
+    method: str, capacity: int | None, activation: str, bias: bool, gather_plan: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    _many_tiers(monkeypatch)
     torch.manual_seed(0)
     T, E_, D_, H_ = 9, 4, 8, 4
     width = 2 * H_ if activation == "swiglu" else H_
@@ -140,7 +153,7 @@ def test_padding_waste_falls_back_and_empty_inputs() -> None:
     torch.testing.assert_close(out, ref)
     # no slots at all
     empty = torch.zeros(0, dtype=torch.long)
-    for method in ("padded", "grouped", "loop", "auto"):
+    for method in ("padded", "bucketed", "grouped", "loop", "auto"):
         bank.method = method
         result = dispatch_combine(x, empty, empty, torch.zeros(0), bank)
         assert result.output.shape == (30, 8) and result.output.abs().max() == 0
@@ -155,9 +168,47 @@ def test_bf16_padded_and_grouped() -> None:
     x = torch.randn(20, 16)
     token_S, expert_S, weight_S = torch.arange(20).repeat(2), torch.randint(0, 4, (40,)), torch.rand(40)
     want = dispatch_combine(x, token_S, expert_S, weight_S, bank32).output
-    for method in ("padded", "grouped"):
+    for method in ("padded", "bucketed", "grouped"):
         bank = ExpertBank(4, 16, 32, method=method).to(torch.bfloat16)
         bank.load_state_dict(bank32.state_dict())
         got = dispatch_combine(x.bfloat16(), token_S, expert_S, weight_S, bank).output
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
+def _brute_force_tier_cost(counts: list[int]) -> float:
+    """Cheapest split of the experts sorted by count into at most MAX_TIERS buckets, each padded
+    to its own largest count, every split tried; tier costs as `tier_plan` documents them."""
+    c, E, best = sorted(counts, reverse=True), len(counts), float("inf")
+    for m in range(1, dispatch.MAX_TIERS + 1):
+        for cuts in itertools.combinations(range(1, E), m - 1):
+            bounds = [0, *cuts, E]
+            cost = 0.0
+            for i, j in itertools.pairwise(bounds):  # bucket [i, j) ends the tier of the first j
+                cost += (j - i) * c[i] + dispatch.TIER_LEVEL_ROWS * j
+                cost += dispatch.TIER_COPY_ROWS * j + dispatch.TIER_FIXED_ROWS if j < E else 0
+            best = min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tier_plan_is_the_cheapest_split(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    E = int(torch.randint(1, 8, (1,), generator=gen))
+    counts = torch.randint(0, 120, (E,), generator=gen).tolist()
+    if seed == 0:
+        counts = [100, 3, 3, 90, 40, 0, 41]  # ties and an empty expert
+        E = len(counts)
+    tiers = tier_plan(counts)
+    # shape: tier 1 is every expert from row 0; each tier starts where the last ended and holds
+    # at least the experts with rows there; the top tier ends at the largest count
+    assert tiers[0][0] == list(range(E)) and tiers[0][1] == 0
+    assert tiers[-1][2] == max(counts)
+    cost = 0.0
+    for k, (experts, lo, hi) in enumerate(tiers):
+        if k > 0:
+            assert lo == tiers[k - 1][2] and hi > lo
+        assert {e for e in range(E) if counts[e] > lo} <= set(experts)
+        cost += len(experts) * (hi - lo + dispatch.TIER_LEVEL_ROWS)
+        cost += dispatch.TIER_COPY_ROWS * len(experts) + dispatch.TIER_FIXED_ROWS if k > 0 else 0
+    assert cost == _brute_force_tier_cost(counts)

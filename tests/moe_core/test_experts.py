@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_core import dispatch
 from moe_core.experts import EXPERTS, FFN, ConvExperts, ExpertBank, ModuleExperts
 
 
@@ -54,9 +55,15 @@ def _reference_grouped(expert_fn, x: torch.Tensor, counts: list[int]) -> torch.T
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(
     ("method", "d_model"),
-    [("auto", 8), ("auto", 6), ("padded", 8), ("grouped", 8), ("loop", 8), ("loop", 6), ("padded", 6)],
+    [("auto", 8), ("auto", 6), ("padded", 8), ("grouped", 8), ("loop", 8), ("loop", 6), ("padded", 6),
+     ("bucketed", 8), ("bucketed", 6)],
 )  # d_model=6: rows not 16-byte aligned, grouped GEMM unavailable
-def test_expert_bank_forward_matches_loop(activation: str, bias: bool, method: str, d_model: int) -> None:
+def test_expert_bank_forward_matches_loop(
+    activation: str, bias: bool, method: str, d_model: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dispatch, "TIER_LEVEL_ROWS", 0)  # several tiers even for these few rows
+    monkeypatch.setattr(dispatch, "TIER_COPY_ROWS", 0)
+    monkeypatch.setattr(dispatch, "TIER_FIXED_ROWS", 0)
     torch.manual_seed(0)
     bank = ExpertBank(4, d_model, 12, activation=activation, bias=bias, method=method)
     if bias:  # nonzero biases so that a missing bias would show
@@ -73,7 +80,7 @@ def test_expert_bank_forward_matches_loop(activation: str, bias: bool, method: s
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("method", ["auto", "padded", "grouped", "loop"])
+@pytest.mark.parametrize("method", ["auto", "padded", "bucketed", "grouped", "loop"])
 def test_expert_bank_uneven_counts_and_zero_strided_grad(method: str) -> None:
     # very uneven counts (auto falls back from padding); y.sum() gives a zero-stride incoming grad
     torch.manual_seed(1)
@@ -226,7 +233,7 @@ def test_registry_and_errors() -> None:
         ConvExperts(2, 3, kernel_size=2)
     with pytest.raises(ValueError, match="norm_groups"):
         ConvExperts(2, 3, out_channels=5, norm_groups=2)
-    for method in ("auto", "padded", "grouped", "loop"):
+    for method in ("auto", "padded", "bucketed", "grouped", "loop"):
         with pytest.raises(ValueError, match="counts_E"):
             ExpertBank(2, 4, 4, method=method)(torch.randn(3, 4), torch.tensor([2, 2]))
         with pytest.raises(ValueError, match="counts_E"):
