@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from moe_core import dispatch
+from moe_core import expert_layouts
 from moe_core.dispatch import (
     apply_activation,
     dispatch_combine,
     expert_capacity,
     expert_ffn_combine,
     sort_slots,
-    tier_plan,
 )
+from moe_core.expert_layouts import tier_plan
 from moe_core.experts import ExpertBank, ModuleExperts
 
 
@@ -69,9 +69,9 @@ def _reference(x_TD, token_S, expert_S, weight_S, keep_S, params, activation):
 
 def _many_tiers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Free tiers, so that ``bucketed`` splits even these few rows into several."""
-    monkeypatch.setattr(dispatch, "TIER_LEVEL_ROWS", 0)
-    monkeypatch.setattr(dispatch, "TIER_COPY_ROWS", 0)
-    monkeypatch.setattr(dispatch, "TIER_FIXED_ROWS", 0)
+    monkeypatch.setattr(expert_layouts, "TIER_LEVEL_ROWS", 0)
+    monkeypatch.setattr(expert_layouts, "TIER_COPY_ROWS", 0)
+    monkeypatch.setattr(expert_layouts, "TIER_FIXED_ROWS", 0)
 
 
 @pytest.mark.parametrize("method", ["auto", "padded", "bucketed", "grouped", "loop"])
@@ -180,13 +180,14 @@ def _brute_force_tier_cost(counts: list[int]) -> float:
     """Cheapest split of the experts sorted by count into at most MAX_TIERS buckets, each padded
     to its own largest count, every split tried; tier costs as `tier_plan` documents them."""
     c, E, best = sorted(counts, reverse=True), len(counts), float("inf")
-    for m in range(1, dispatch.MAX_TIERS + 1):
+    for m in range(1, expert_layouts.MAX_TIERS + 1):
         for cuts in itertools.combinations(range(1, E), m - 1):
             bounds = [0, *cuts, E]
             cost = 0.0
             for i, j in itertools.pairwise(bounds):  # bucket [i, j) ends the tier of the first j
-                cost += (j - i) * c[i] + dispatch.TIER_LEVEL_ROWS * j
-                cost += dispatch.TIER_COPY_ROWS * j + dispatch.TIER_FIXED_ROWS if j < E else 0
+                cost += (j - i) * c[i] + expert_layouts.TIER_LEVEL_ROWS * j
+                tier = expert_layouts.TIER_COPY_ROWS * j + expert_layouts.TIER_FIXED_ROWS
+                cost += tier if j < E else 0
             best = min(best, cost)
     return best
 
@@ -209,6 +210,7 @@ def test_tier_plan_is_the_cheapest_split(seed: int) -> None:
         if k > 0:
             assert lo == tiers[k - 1][2] and hi > lo
         assert {e for e in range(E) if counts[e] > lo} <= set(experts)
-        cost += len(experts) * (hi - lo + dispatch.TIER_LEVEL_ROWS)
-        cost += dispatch.TIER_COPY_ROWS * len(experts) + dispatch.TIER_FIXED_ROWS if k > 0 else 0
+        cost += len(experts) * (hi - lo + expert_layouts.TIER_LEVEL_ROWS)
+        tier = expert_layouts.TIER_COPY_ROWS * len(experts) + expert_layouts.TIER_FIXED_ROWS
+        cost += tier if k > 0 else 0
     assert cost == _brute_force_tier_cost(counts)

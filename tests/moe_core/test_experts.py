@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_core import dispatch
+from moe_core import expert_layouts
 from moe_core.experts import EXPERTS, FFN, ConvExperts, ExpertBank, ModuleExperts
 
 
@@ -61,9 +61,10 @@ def _reference_grouped(expert_fn, x: torch.Tensor, counts: list[int]) -> torch.T
 def test_expert_bank_forward_matches_loop(
     activation: str, bias: bool, method: str, d_model: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dispatch, "TIER_LEVEL_ROWS", 0)  # several tiers even for these few rows
-    monkeypatch.setattr(dispatch, "TIER_COPY_ROWS", 0)
-    monkeypatch.setattr(dispatch, "TIER_FIXED_ROWS", 0)
+    # several tiers even for these few rows
+    monkeypatch.setattr(expert_layouts, "TIER_LEVEL_ROWS", 0)
+    monkeypatch.setattr(expert_layouts, "TIER_COPY_ROWS", 0)
+    monkeypatch.setattr(expert_layouts, "TIER_FIXED_ROWS", 0)
     torch.manual_seed(0)
     bank = ExpertBank(4, d_model, 12, activation=activation, bias=bias, method=method)
     if bias:  # nonzero biases so that a missing bias would show

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from moe_core import dispatch
+from moe_core import expert_layouts
 from moe_core.experts import FFN, ConvExperts, ExpertBank, ModuleExperts
 from moe_core.layer import MoE, MoEOutput
 from moe_core.losses import collect_aux_losses, importance_loss, load_balancing_loss, router_z_loss
@@ -126,9 +126,10 @@ def test_every_router_through_the_layer_matches_the_per_token_reference(
 def test_topk_every_kernel_with_shared_experts(
     method: str, capacity_factor: float | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(dispatch, "TIER_LEVEL_ROWS", 0)  # several tiers even for these few rows
-    monkeypatch.setattr(dispatch, "TIER_COPY_ROWS", 0)
-    monkeypatch.setattr(dispatch, "TIER_FIXED_ROWS", 0)
+    # several tiers even for these few rows
+    monkeypatch.setattr(expert_layouts, "TIER_LEVEL_ROWS", 0)
+    monkeypatch.setattr(expert_layouts, "TIER_COPY_ROWS", 0)
+    monkeypatch.setattr(expert_layouts, "TIER_FIXED_ROWS", 0)
     torch.manual_seed(1)
     layer = MoE(
         TopKRouter(D, E, top_k=2),
