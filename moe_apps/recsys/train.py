@@ -30,7 +30,7 @@ from moe_apps.recsys.data import (
 )
 from moe_apps.recsys.model import build_model, count_parameters, gate_labels
 from moe_apps.recsys.task import RecsysTask, gate_metrics, predict, task_metrics
-from moe_apps.training import fit, load_checkpoint
+from moe_apps.training import fit, load_checkpoint, set_seed
 from moe_apps.training.checkpoint import atomic_write
 
 APP = "recsys"
@@ -123,6 +123,7 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
     root = resolve_data_root(data_dir)
     run = prepare_data(config, root, data)
     config = with_vocab(config, run.features.vocab)
+    set_seed(config.seed)  # the initial weights depend on the seed alone
     model = build_model(config.model)
     labels = gate_labels(config.model)
     task = RecsysTask(config.model.tasks, config.embedding_l2, labels)
