@@ -24,6 +24,13 @@ import torch
 from torch import Tensor
 
 
+def gather_with_spare_row(src: Tensor, token_R: Tensor) -> Tensor:
+    """``src[token_R]`` followed by one zero row (the target of padding / dropped rows)."""
+    buf = src.new_empty(token_R.shape[0] + 1, src.shape[-1])
+    buf[-1].zero_()
+    torch.index_select(src, 0, token_R, out=buf[:-1])
+    return buf
+
 class _Padded:
     """``bmm`` layout: expert e's rows padded to C = max count, ``(E, C, .)``, plus one spare row
     that stays zero (dropped slots point there). Padding rows read distinct tokens, weight 0."""
@@ -53,10 +60,7 @@ class _Padded:
 
     def gather_flat(self, src: Tensor) -> Tensor:
         """``src[token_R]`` in ``(E * C + 1, .)`` rows whose last (spare) row is zero."""
-        buf = src.new_empty(self.token_R.shape[0] + 1, src.shape[-1])
-        buf[-1].zero_()
-        torch.index_select(src, 0, self.token_R, out=buf[:-1])
-        return buf
+        return gather_with_spare_row(src, self.token_R)
 
     def mm_flat(self, a: Tensor, w: Tensor, buf: Tensor | None = None) -> Tensor:
         """``mm`` written into ``(E * C + 1, .)`` rows (``buf``, reused if given) whose last (spare)
@@ -210,10 +214,7 @@ class _Bucketed:
 
     def gather_flat(self, src: Tensor) -> Tensor:
         """``src[token_R]`` in ``(R + 1, .)`` rows whose last (spare) row is zero."""
-        buf = src.new_empty(self.token_R.shape[0] + 1, src.shape[-1])
-        buf[-1].zero_()
-        torch.index_select(src, 0, self.token_R, out=buf[:-1])
-        return buf
+        return gather_with_spare_row(src, self.token_R)
 
     def mm_flat(self, a: Tensor, w: Tensor, buf: Tensor | None = None) -> Tensor:
         """``mm`` written into ``(R + 1, .)`` rows (``buf``, reused if given) whose last (spare)
