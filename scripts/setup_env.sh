@@ -8,9 +8,9 @@ VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-  FBGEMM="fbgemm-gpu==1.9.0"
+  FBGEMM="fbgemm-gpu==1.9.0" OTHER_FBGEMM="fbgemm-gpu-cpu"
 else
-  FBGEMM="fbgemm-gpu-cpu==1.9.0"
+  FBGEMM="fbgemm-gpu-cpu==1.9.0" OTHER_FBGEMM="fbgemm-gpu"
 fi
 
 stamp="$VENV/.moe-apps-setup"
@@ -26,10 +26,9 @@ echo "setup: torch 2.14.1, torchvision 0.29.1"
 "${PIP[@]}" -q torch==2.14.1 torchvision==0.29.1
 echo "setup: $FBGEMM, torchrec 1.9.2"
 # torchrec's metadata asks for the CUDA fbgemm-gpu wheel; install it without dependencies and add its
-# other needs by hand, so that only the fbgemm build chosen above is present.
-if [ "$FBGEMM" = "fbgemm-gpu-cpu==1.9.0" ]; then
-  "$VENV/bin/python" -m pip uninstall -q -y fbgemm-gpu 2>/dev/null || true
-fi
+# other needs by hand, so that only the fbgemm build chosen above is present (both install the
+# same `fbgemm_gpu` module).
+"$VENV/bin/python" -m pip uninstall -q -y "$OTHER_FBGEMM" 2>/dev/null || true
 "${PIP[@]}" -q "$FBGEMM"
 "${PIP[@]}" -q --no-deps torchrec==1.9.2
 "${PIP[@]}" -q tensordict torchmetrics==1.0.3 tqdm pyre-extensions
