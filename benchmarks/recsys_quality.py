@@ -9,7 +9,8 @@ and biased matrix factorisation (ALS, Koren et al. 2009); both predict a rating,
 score is that rating (AUC and log loss of ``sigmoid(rating - 3.5)`` are reported for them).
 
     .venv/bin/python benchmarks/recsys_quality.py [--models mmoe,ple] [--folds u1,u2] [--epochs N]
-                                                  [--data-dir PATH] [--json]
+                                                  [--data-dir PATH] [--json] [--no-references]
+                                                  [--threads N]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from moe_apps.datasets import Ratings, load_movielens
-from moe_apps.recsys.config import LIKE, MODELS, RATING, get_preset
+from moe_apps.recsys.config import LIKE, MODELS, RATING, TARGETS, get_preset
 from moe_apps.recsys.task import task_metrics
 from moe_apps.recsys.train import train
 
@@ -83,7 +84,7 @@ def biased_mf(train: Ratings, num_users: int, num_items: int, rank: int = 10, re
 
 
 def _reference_metrics(test: Ratings, rating_pred: np.ndarray) -> dict[str, float]:
-    targets = np.stack([(test.rating >= 4).astype(np.float32), test.rating], 1)
+    targets = np.stack([TARGETS[task.target](test.rating) for task in (LIKE, RATING)], 1)
     preds = np.stack([1 / (1 + np.exp(-(rating_pred - 3.5))), np.clip(rating_pred, 1, 5)], 1)
     return task_metrics((LIKE, RATING), targets, preds)
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     from rich.table import Table
 
     console = Console(stderr=args.json)
-    quiet = Console(file=open("/dev/null", "w"))  # noqa: SIM115 - lives as long as the script
+    quiet = Console(quiet=True)
     data = load_movielens("movielens-100k", args.data_dir)
     nu, ni = len(data.users), len(data.items)
     results: dict[str, dict[str, list[float]]] = {}

@@ -51,6 +51,7 @@ def info(
     from rich.table import Table
 
     from moe_apps.datasets import DATASETS, dataset_status, resolve_data_root
+    from moe_apps.datasets.paths import DATA_ENV
 
     def pkg(name: str) -> str:
         try:
@@ -67,7 +68,7 @@ def info(
     table.add_row("device", device)
     table.add_row("torch threads", str(torch.get_num_threads()))
     root = resolve_data_root(data_dir)
-    source = "--data-dir" if data_dir else ("$MOE_APPS_DATA" if os.environ.get("MOE_APPS_DATA") else "default")
+    source = "--data-dir" if data_dir else (f"${DATA_ENV}" if os.environ.get(DATA_ENV) else "default")
     table.add_row("data root", f"{root} ({source})")
     for name in DATASETS:
         table.add_row(f"  {name}", dataset_status(name, root))

@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moe_apps.atomic import atomic_write
 from moe_apps.datasets.errors import DatasetError, DownloadError
 from moe_apps.datasets.files import complete_file_set, file_digest
 from moe_apps.datasets.paths import resolve_data_root
@@ -75,49 +76,44 @@ def download_file(
     left at `target`). An HTTP error keeps its status in `error.status`.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     hashers = {name: hashlib.new(name) for name, want in (("sha256", sha256), ("md5", md5)) if want}
-    handle, part_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                         suffix=".part")
-    part = Path(part_name)
-    try:
-        with os.fdopen(handle, "wb") as out:
+
+    def fetch(out) -> None:
+        try:
+            response = urllib.request.urlopen(url, timeout=timeout)
+        except urllib.error.HTTPError as error:
+            raise _offline(dataset, url, f"HTTP {error.code} {error.reason}", target,
+                           manual_hint, status=error.code) from error
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise _offline(dataset, url, str(reason), target, manual_hint) from error
+        with response, _progress(progress) as bar:
+            total = response.headers.get("Content-Length") if response.headers else None
+            task = None if bar is None else bar.add_task(
+                f"{dataset}: {target.name}", total=int(total) if total else None)
+            received = 0
             try:
-                response = urllib.request.urlopen(url, timeout=timeout)
-            except urllib.error.HTTPError as error:
-                raise _offline(dataset, url, f"HTTP {error.code} {error.reason}", target,
-                               manual_hint, status=error.code) from error
-            except (urllib.error.URLError, OSError) as error:
-                reason = getattr(error, "reason", error)
-                raise _offline(dataset, url, str(reason), target, manual_hint) from error
-            with response, _progress(progress) as bar:
-                total = response.headers.get("Content-Length") if response.headers else None
-                task = None if bar is None else bar.add_task(
-                    f"{dataset}: {target.name}", total=int(total) if total else None)
-                received = 0
-                try:
-                    while block := response.read(CHUNK):
-                        out.write(block)
-                        received += len(block)
-                        for hasher in hashers.values():
-                            hasher.update(block)
-                        if bar is not None:
-                            bar.update(task, advance=len(block))
-                except (OSError, http.client.HTTPException) as error:
-                    raise _offline(dataset, url, f"connection lost: {error!r}", target,
-                                   manual_hint) from error
-                if total and received != int(total):
-                    raise _offline(dataset, url, f"connection lost after {received} of {total} "
-                                   "bytes", target, manual_hint)
+                while block := response.read(CHUNK):
+                    out.write(block)
+                    received += len(block)
+                    for hasher in hashers.values():
+                        hasher.update(block)
+                    if bar is not None:
+                        bar.update(task, advance=len(block))
+            except (OSError, http.client.HTTPException) as error:
+                raise _offline(dataset, url, f"connection lost: {error!r}", target,
+                               manual_hint) from error
+            if total and received != int(total):
+                raise _offline(dataset, url, f"connection lost after {received} of {total} "
+                               "bytes", target, manual_hint)
         for name, want in (("sha256", sha256), ("md5", md5)):
             if want and hashers[name].hexdigest() != want.lower():
                 raise DownloadError(
                     f"{name} of the download from {url} is {hashers[name].hexdigest()}, expected "
                     f"{want}; nothing was written (a changed or damaged file: try again, or "
                     f"fetch it by hand and check it)", path=target)
-        os.replace(part, target)
-    finally:
-        part.unlink(missing_ok=True)
+
+    atomic_write(target, fetch, suffix=".part")  # checked before the rename: never half a file
     return target
 
 

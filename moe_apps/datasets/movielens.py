@@ -18,6 +18,7 @@ u.item and the ML-1M .dat files are Latin-1.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,14 +251,7 @@ def _read_100k_items(path: Path, genre_names: list[str]) -> Items:
         title.append(fields[1])
         year.append(_release_year(fields[2], fields[1]))
         genres.append([flag == "1" for flag in flags])
-    order = _sorted_unique_order(np.array(raw_id, dtype=np.int64), path, "movie id")
-    return Items(
-        raw_id=np.array(raw_id, dtype=np.int64)[order],
-        title=[title[i] for i in order],
-        year=np.array(year, dtype=np.int64)[order],
-        genres=np.array(genres, dtype=bool).reshape(len(raw_id), len(genre_names))[order],
-        genre_names=list(genre_names),
-    )
+    return _items_by_id(path, raw_id, title, year, genres, genre_names)
 
 
 def _release_year(date: str, title: str) -> int:
@@ -295,6 +289,20 @@ def _sorted_unique_order(raw_id: np.ndarray, path: Path, what: str) -> np.ndarra
         line = int(np.flatnonzero(raw_id == value)[1]) + 1
         raise DatasetError(f"{what} {value} appears twice", path=path, line=line)
     return order
+
+
+def _items_by_id(path: Path, raw_id: list[int], title: list[str], year: list[int],
+                 genres: list[list[bool]], genre_names: Sequence[str]) -> Items:
+    """`Items` from per-line lists of a movies file, sorted by movie id (a repeated id names its
+    line)."""
+    order = _sorted_unique_order(np.array(raw_id, dtype=np.int64), path, "movie id")
+    return Items(
+        raw_id=np.array(raw_id, dtype=np.int64)[order],
+        title=[title[i] for i in order],
+        year=np.array(year, dtype=np.int64)[order],
+        genres=np.array(genres, dtype=bool).reshape(len(raw_id), len(genre_names))[order],
+        genre_names=list(genre_names),
+    )
 
 
 def _load_1m(folder: Path) -> MovieLensData:
@@ -350,11 +358,4 @@ def _read_1m_movies(path: Path) -> Items:
         title.append(name)
         year.append(int(match.group(1)) if match else 0)
         genres.append(flags)
-    order = _sorted_unique_order(np.array(raw_id, dtype=np.int64), path, "movie id")
-    return Items(
-        raw_id=np.array(raw_id, dtype=np.int64)[order],
-        title=[title[i] for i in order],
-        year=np.array(year, dtype=np.int64)[order],
-        genres=np.array(genres, dtype=bool).reshape(len(raw_id), len(ML1M_GENRES))[order],
-        genre_names=list(ML1M_GENRES),
-    )
+    return _items_by_id(path, raw_id, title, year, genres, ML1M_GENRES)

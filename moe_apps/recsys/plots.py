@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_apps.training.checkpoint import atomic_write
+from moe_apps.atomic import atomic_write
 
 
 def gate_matrix(tasks: list[str], experts: list[list[str]],

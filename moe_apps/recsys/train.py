@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moe_apps.atomic import atomic_write
 from moe_apps.datasets import MovieLensData, Ratings, load_movielens, resolve_data_root
 from moe_apps.recsys.config import RecsysConfig, with_vocab
 from moe_apps.recsys.data import (
@@ -31,7 +32,6 @@ from moe_apps.recsys.data import (
 from moe_apps.recsys.model import build_model, count_parameters, gate_labels
 from moe_apps.recsys.task import RecsysTask, gate_metrics, predict, task_metrics
 from moe_apps.training import fit, load_checkpoint, set_seed
-from moe_apps.training.checkpoint import atomic_write
 
 APP = "recsys"
 
@@ -74,8 +74,10 @@ def _write_json(path: Path, payload: Any) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _test_batches(config: RecsysConfig, run: RunData, test: Ratings) -> RatingBatches:
-    return RatingBatches(run.features, config.model.tasks, test, config.eval_batch_size, in_fit=False)
+def _eval_batches(config: RecsysConfig, run: RunData, ratings: Ratings) -> RatingBatches:
+    """Batches of validation or test ratings (in order, no history dropout, not in the fit part)."""
+    return RatingBatches(run.features, config.model.tasks, ratings, config.eval_batch_size,
+                         in_fit=False)
 
 
 def read_run_config(run_dir: str | Path) -> tuple[RecsysConfig, dict[str, Any]]:
@@ -136,7 +138,7 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
         f"{params['total']:,} parameters ({params['embeddings']:,} in embedding tables)"
     )
     tasks = config.model.tasks
-    val_batches = list(RatingBatches(run.features, tasks, run.val, config.eval_batch_size, in_fit=False))
+    val_batches = list(_eval_batches(config, run, run.val))
 
     def train_batches(epoch: int) -> RatingBatches:
         return RatingBatches(run.features, tasks, run.fit, config.batch_size, in_fit=True,
@@ -147,7 +149,7 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
                  console=console)
     device = next(model.parameters()).device
     model.eval()
-    test = predict(model, (b.to(device) for b in _test_batches(config, run, run.test)))
+    test = predict(model, (b.to(device) for b in _eval_batches(config, run, run.test)))
     test_metrics = task_metrics(tasks, test.targets_BT, test.predictions_BT)
     test_metrics.update(gate_metrics(tasks, test.gate_means, labels))
     seconds = time.perf_counter() - started
@@ -205,7 +207,7 @@ def evaluate_run(loaded: LoadedRun, split: str | None = None) -> dict[str, float
     """Test metrics of a loaded run on its own split (or the test part of ``split``)."""
     config, run = loaded.config, loaded.run
     test = run.test if split is None or split == config.split else make_split(run.data, split, config.seed)[1]
-    result = predict(loaded.model, _test_batches(config, run, test))
+    result = predict(loaded.model, _eval_batches(config, run, test))
     metrics = task_metrics(config.model.tasks, result.targets_BT, result.predictions_BT)
     metrics.update(gate_metrics(config.model.tasks, result.gate_means, gate_labels(config.model)))
     return metrics

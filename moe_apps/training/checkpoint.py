@@ -11,14 +11,14 @@ Only tensors, numbers, strings, lists and dicts go in, so it loads with ``weight
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from moe_apps.atomic import atomic_write
 
 FORMAT_VERSION = 1
 METADATA_KEYS = (
@@ -33,30 +33,6 @@ def normalize_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(model_config, Mapping):
         raise ValueError(f"model_config must be a mapping (e.g. dataclasses.asdict(config)), got {type(model_config).__name__}")
     return json.loads(json.dumps(dict(model_config), default=str, sort_keys=True))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file_object)`` on a temp file next to ``path``, fsync it, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:

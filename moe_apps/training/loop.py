@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moe_apps.atomic import atomic_write
 from moe_apps.training.checkpoint import (
-    atomic_write,
     check_compatible,
     normalize_config,
     read_checkpoint,
@@ -386,8 +386,7 @@ def fit(model: nn.Module, task: Task, train_batches: Callable[[int], Iterable[An
         raise FloatingPointError(
             f"validation {config.monitor} was never finite in {run.epoch} epochs; no best checkpoint"
         )
-    best_path = checkpoint_dir / "best.pt"
-    model.load_state_dict(read_checkpoint(best_path)["model"])
+    model.load_state_dict(read_checkpoint(trainer.best_path)["model"])
     return FitResult(best_metrics=dict(run.best_metrics), best_epoch=run.best_epoch,
                      history=[dict(row) for row in run.history], run_dir=run_dir,
-                     best_checkpoint=best_path)
+                     best_checkpoint=trainer.best_path)

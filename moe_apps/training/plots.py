@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from moe_apps.training.checkpoint import atomic_write
+from moe_apps.atomic import atomic_write
 
 
 def plot_curves(
