@@ -10,8 +10,9 @@ For `ExpertBank` the gather, the expert FFN and the combine are one autograd nod
 (`expert_ffn_combine`), computed on one of four layouts chosen by measurement (docs/BENCHMARKS.md):
 rows padded to the largest expert and ``bmm``, experts padded in a few tiers of rows with one
 ``bmm`` per tier (less padding when routing is uneven), ``torch._grouped_mm`` over the
-sorted rows (no host sync; CUDA bf16 and ``torch.compile``), or one matmul per expert; the first
-three are the row layouts of `moe_core.expert_layouts`. Token-choice slots are k-major, so the
+sorted rows (no padding; no host sync off the CPU or under ``torch.compile``; the ``auto`` choice
+wherever grouped GEMM is supported), or one matmul per expert; the first three are the row layouts of
+`moe_core.expert_layouts`. Token-choice slots are k-major, so the
 combine is K row gathers (deterministic) rather than an ``index_add_``.
 
 Priority when dropping: within each expert, slots are kept in `Routing.assignments()` order. Token
@@ -105,7 +106,8 @@ def sort_slots(expert_S: Tensor, num_experts: int, capacity: int | None = None) 
 ACTIVATIONS = ("gelu", "relu", "swiglu")
 METHODS = ("auto", "padded", "bucketed", "grouped", "loop")
 PAD_LIMIT = 1.5
-"""``auto`` pads experts (to one row count or in tiers) only while padded rows <= PAD_LIMIT x real."""
+"""Where grouped GEMM is unsupported, ``auto`` pads experts (to one row count or in tiers) only
+while padded rows <= PAD_LIMIT x real, else it loops over the experts."""
 
 
 def apply_activation(h: Tensor, activation: str) -> Tensor:
@@ -254,8 +256,8 @@ def expert_ffn_combine(
     b_out[e]``. Methods: ``padded`` -- rows padded to the largest count and ``bmm`` (one host sync
     for that count); ``bucketed`` -- the experts padded in tiers (`tier_plan`), one ``bmm`` per
     tier, less padding when routing is uneven (one host sync for the counts); ``grouped`` --
-    ``torch._grouped_mm`` (no host sync, so it traces without a graph break; needs 16-byte aligned
-    widths); ``loop`` -- one matmul per expert. ``auto``: ``grouped`` wherever grouped GEMM is
+    ``torch._grouped_mm`` (no host sync off the CPU or under ``torch.compile``, so it traces without
+    a graph break; eager CPU syncs once to check the counts; needs 16-byte aligned widths); ``loop`` -- one matmul per expert. ``auto``: ``grouped`` wherever grouped GEMM is
     supported (on a quiet 2-core CPU it measured 0.89 / 0.86 / 0.73x the dense-equivalent FFN at
     E = 8 / 32 / 128 against 0.90 / 0.78 / 0.66x for the best padded layout, docs/BENCHMARKS.md),
     else ``bucketed`` on CPU (``padded`` where `tier_plan` finds one tier best, and off CPU) while
@@ -266,9 +268,17 @@ def expert_ffn_combine(
         raise ValueError(f"counts_E must have shape (num_experts={E},), got {tuple(counts_E.shape)}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    grouped_ok = grouped_mm_supported(x_TD, x_TD.shape[1], w_in.shape[2], w_out.shape[1], w_out.shape[2])
-    if method == "auto" and grouped_ok:
-        method = "grouped"
+    if method in ("auto", "grouped"):
+        grouped_ok = grouped_mm_supported(
+            x_TD, x_TD.shape[1], w_in.shape[2], w_out.shape[1], w_out.shape[2]
+        )
+        if method == "grouped" and not grouped_ok:
+            raise ValueError(
+                "method='grouped' needs torch._grouped_mm with 16-byte aligned rows on this device "
+                f"(d_model/d_hidden multiples of {16 // x_TD.element_size()}); use 'padded' or 'loop'"
+            )
+        if grouped_ok:
+            method = "grouped"
     counts, largest, total = [], 0, S
     no_sync = torch.compiler.is_compiling() or x_TD.device.type != "cpu"
     if method != "grouped" or not no_sync:  # one host sync: check the counts, size the padding
@@ -280,21 +290,16 @@ def expert_ffn_combine(
     if method == "auto":  # tiers measured on CPU only (docs/BENCHMARKS.md); one tier = padded
         tiers = tier_plan(counts) if x_TD.device.type == "cpu" else [(list(range(E)), 0, largest)]
         padded_rows = sum(len(experts) * (hi - lo) for experts, lo, hi in tiers)
-        # grouped GEMM is unavailable here (unaligned widths): pad within the limit, else loop
+        # grouped GEMM is unsupported here (widths, dtype or device): pad within the limit, else loop
         if padded_rows <= PAD_LIMIT * max(total, 1):
             method = "padded" if len(tiers) == 1 else "bucketed"
         else:
             method = "loop"
     weight_S = weight_S.to(x_TD.dtype)
     if method == "loop":
-        y_SD = _ffn_loop(x_TD.index_select(0, token_S), [*counts_E.tolist(), S - total],
+        y_SD = _ffn_loop(x_TD.index_select(0, token_S), [*counts, S - total],
                          w_in, w_out, b_in, b_out, activation)
         return combine_rows(y_SD * weight_S.unsqueeze(1), token_S, slot_KT, x_TD.shape[0])
-    if method == "grouped" and not grouped_ok:
-        raise ValueError(
-            "method='grouped' needs torch._grouped_mm with 16-byte aligned rows on this device "
-            f"(d_model/d_hidden multiples of {16 // x_TD.element_size()}); use 'padded' or 'loop'"
-        )
     if method == "bucketed":
         layout = _Bucketed(counts_E, token_S, weight_S, tiers, x_TD.shape[0])
     elif method == "grouped":

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from moe_core.routing import Routing, check_features, check_positive_int
 
 GATE_INIT_STD = 0.02
+"""Std of the normal gate init of every router (`moe_core.routers` uses this one too)."""
 
 
 class ExpertChoiceRouter(nn.Module):

@@ -31,6 +31,19 @@ def gather_with_spare_row(src: Tensor, token_R: Tensor) -> Tensor:
     torch.index_select(src, 0, token_R, out=buf[:-1])
     return buf
 
+
+def _place_slots(
+    row_S: Tensor, token_S: Tensor, weight_S: Tensor, spare: int, num_tokens: int
+) -> tuple[Tensor, Tensor]:
+    """``(token_R, weight_R)`` of a padded layout with ``spare`` rows: slot s lands on row
+    ``row_S[s]`` (the spare row ``spare`` for dropped slots); padding rows read distinct tokens
+    with weight 0."""
+    filler_R = torch.arange(spare + 1, device=token_S.device) % max(num_tokens, 1)
+    token_R = filler_R.index_copy_(0, row_S, token_S)[:spare]
+    weight_R = weight_S.new_zeros(spare + 1).index_copy_(0, row_S, weight_S)[:spare]
+    return token_R, weight_R
+
+
 class _Padded:
     """``bmm`` layout: expert e's rows padded to C = max count, ``(E, C, .)``, plus one spare row
     that stays zero (dropped slots point there). Padding rows read distinct tokens, weight 0."""
@@ -43,9 +56,7 @@ class _Padded:
         starts_E = torch.cat([ends_E.new_zeros(1), ends_E])
         spare = E * capacity
         self.row_S = torch.where(expert_S < E, expert_S * capacity + rows_S - starts_E[expert_S], spare)
-        filler_R = torch.arange(spare + 1, device=token_S.device) % max(num_tokens, 1)
-        self.token_R = filler_R.index_copy_(0, self.row_S, token_S)[:spare]
-        self.weight_R = weight_S.new_zeros(spare + 1).index_copy_(0, self.row_S, weight_S)[:spare]
+        self.token_R, self.weight_R = _place_slots(self.row_S, token_S, weight_S, spare, num_tokens)
         self.shape = (E, capacity)
         self.valid_R1 = None
 
@@ -171,9 +182,7 @@ class _Bucketed:
         self.expert_R = torch.cat(expert_parts)
         self.num_experts = E
         self._copies: dict[tuple, Tensor] = {}
-        filler_R = torch.arange(spare + 1, device=device) % max(num_tokens, 1)
-        self.token_R = filler_R.index_copy_(0, self.row_S, token_S)[:spare]
-        self.weight_R = weight_S.new_zeros(spare + 1).index_copy_(0, self.row_S, weight_S)[:spare]
+        self.token_R, self.weight_R = _place_slots(self.row_S, token_S, weight_S, spare, num_tokens)
         self.valid_R1 = None
 
     def _views(self, flat: Tensor) -> list[Tensor]:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from moe_core.diagnostics import RoutingStats, routing_stats
 from moe_core.dispatch import dispatch_routing, expert_capacity
 from moe_core.losses import dense_gates, importance_loss, load_balancing_loss, router_z_loss
-from moe_core.routing import Routing, check_positive_int
+from moe_core.routing import Routing, check_positive_int, describe_tensor
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,13 @@ class MoE(nn.Module):
         super().__init__()
         if not isinstance(router, nn.Module):
             raise ValueError(f"router must be an nn.Module returning Routing, got {type(router).__name__}")
-        for attr in ("num_experts", "feature_dims"):
-            if not hasattr(experts, attr) or not isinstance(experts, nn.Module):
-                raise ValueError(
-                    f"experts must be an experts module with num_experts and feature_dims "
-                    f"(ExpertBank, ModuleExperts, ConvExperts), got {type(experts).__name__}"
-                )
+        if not isinstance(experts, nn.Module) or not all(
+            hasattr(experts, attr) for attr in ("num_experts", "feature_dims")
+        ):
+            raise ValueError(
+                f"experts must be an experts module with num_experts and feature_dims "
+                f"(ExpertBank, ModuleExperts, ConvExperts), got {type(experts).__name__}"
+            )
         router_e = getattr(router, "num_experts", None)
         if router_e is not None and router_e != experts.num_experts:
             raise ValueError(
@@ -126,8 +127,9 @@ class MoE(nn.Module):
     def _split(self, x: Tensor) -> tuple[tuple[int, ...], Tensor]:
         fd = self.experts.feature_dims
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < fd:
-            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"MoE: x must be a float tensor with >= {fd} feature dims, got {got}")
+            raise ValueError(
+                f"MoE: x must be a float tensor with >= {fd} feature dims, got {describe_tensor(x)}"
+            )
         d = getattr(self.experts, "d_model", None)
         if d is not None and x.shape[-fd] != d:
             layout = "(..., D)" if fd == 1 else "(..., C, H, W)"

@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_core.expert_choice import ExpertChoiceRouter
+from moe_core.expert_choice import GATE_INIT_STD, ExpertChoiceRouter
 from moe_core.routing import Routing, check_features, check_positive_int, describe_tensor
 
-GATE_INIT_STD = 0.02
 NORMALIZE_CHOICES = ("softmax_then_topk", "topk_then_softmax")
 
 
