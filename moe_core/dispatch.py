@@ -7,13 +7,15 @@ once on its block of rows, scale by the combine weights and sum back per token. 
 O(S * D): no ``(T, E, C)`` or ``(T, K, E)`` one-hot anywhere, and no host sync in the sort.
 
 For `ExpertBank` the gather, the expert FFN and the combine are one autograd node
-(`expert_ffn_combine`), computed on one of four layouts chosen by measurement (docs/BENCHMARKS.md):
-rows padded to the largest expert and ``bmm``, experts padded in a few tiers of rows with one
-``bmm`` per tier (less padding when routing is uneven), ``torch._grouped_mm`` over the
-sorted rows (no padding; no host sync off the CPU or under ``torch.compile``; the ``auto`` choice
-wherever grouped GEMM is supported), or one matmul per expert; the first three are the row layouts of
-`moe_core.expert_layouts`. Token-choice slots are k-major, so the
-combine is K row gathers (deterministic) rather than an ``index_add_``.
+(`expert_ffn_combine`) with a hand-written backward, computed by one of four kernels chosen by
+measurement (docs/BENCHMARKS.md): one expert block at a time with every temporary the size of one
+block (`moe_core.expert_loop`; the ``auto`` choice on the CPU), or on one of the row layouts of
+`moe_core.expert_layouts`: rows padded to the largest expert and ``bmm``, experts padded in a few
+tiers of rows with one ``bmm`` per tier (less padding when routing is uneven), or
+``torch._grouped_mm`` over the sorted rows (no padding; no host sync off the CPU or under
+``torch.compile``; the ``auto`` choice wherever grouped GEMM is supported off the CPU). On the
+layouts, token-choice slots are k-major, so the combine is K row gathers (deterministic) rather
+than an ``index_add_``.
 
 Priority when dropping: within each expert, slots are kept in `Routing.assignments()` order. Token
 choice is k-major, so every token's first choice beats any second choice, and earlier tokens win
@@ -27,10 +29,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from moe_core.activations import activation_backward, apply_activation
 from moe_core.expert_layouts import _Bucketed, _Grouped, _Padded, tier_plan
+from moe_core.expert_loop import expert_loop_ffn_combine
 from moe_core.routing import Routing
 
 
@@ -103,36 +106,10 @@ def sort_slots(expert_S: Tensor, num_experts: int, capacity: int | None = None) 
     return SortedSlots(final_order_S, kept_counts_E, kept_S)
 
 
-ACTIVATIONS = ("gelu", "relu", "swiglu")
 METHODS = ("auto", "padded", "bucketed", "grouped", "loop")
 PAD_LIMIT = 1.5
 """Where grouped GEMM is unsupported, ``auto`` pads experts (to one row count or in tiers) only
 while padded rows <= PAD_LIMIT x real, else it loops over the experts."""
-
-
-def apply_activation(h: Tensor, activation: str) -> Tensor:
-    """``gelu`` / ``relu`` of ``h``, or ``swiglu``: ``silu(u) * v`` with ``h = [u, v]`` on the last dim."""
-    if activation == "gelu":
-        return F.gelu(h)
-    if activation == "relu":
-        return F.relu(h)
-    u, v = h.chunk(2, dim=-1)
-    return F.silu(u) * v
-
-
-def activation_backward(grad_a: Tensor, h: Tensor, activation: str, out: Tensor | None = None) -> Tensor:
-    """Gradient wrt the pre-activation ``h`` of `apply_activation` (gelu/relu: written into ``out``
-    when given, which may alias ``grad_a``'s or another spent buffer)."""
-    if activation == "gelu":
-        if out is None:
-            return torch.ops.aten.gelu_backward(grad_a, h)
-        return torch.ops.aten.gelu_backward.grad_input(grad_a, h, approximate="none", grad_input=out)
-    if activation == "relu":
-        if out is None:
-            return torch.ops.aten.threshold_backward(grad_a, h, 0)
-        return torch.ops.aten.threshold_backward.grad_input(grad_a, h, 0, grad_input=out)
-    u, v = h.chunk(2, dim=-1)
-    return torch.cat([torch.ops.aten.silu_backward(grad_a * v, u), grad_a * F.silu(u)], dim=-1)
 
 
 def combine_rows(y_R: Tensor, token_R: Tensor, rows_KT: Tensor | None, num_out: int) -> Tensor:
@@ -224,24 +201,6 @@ def grouped_mm_supported(x: Tensor, *widths: int) -> bool:
     return False
 
 
-def _ffn_loop(
-    x_SD: Tensor, sizes: list[int], w_in: Tensor, w_out: Tensor,
-    b_in: Tensor | None, b_out: Tensor | None, activation: str,
-) -> Tensor:
-    """The expert FFN one expert at a time on contiguous slices (any width, dtype or device)."""
-    pieces = x_SD.split(sizes)
-    w_in_E, w_out_E = w_in.unbind(0), w_out.unbind(0)  # one backward node, not E full-size zeros
-    b_in_E = [None] * len(w_in_E) if b_in is None else b_in.unbind(0)
-    b_out_E = [None] * len(w_in_E) if b_out is None else b_out.unbind(0)
-    outputs = []
-    for piece, wi, wo, bi, bo in zip(pieces, w_in_E, w_out_E, b_in_E, b_out_E, strict=False):
-        h = piece @ wi if bi is None else torch.addmm(bi, piece, wi)
-        a = apply_activation(h, activation)
-        outputs.append(a @ wo if bo is None else torch.addmm(bo, a, wo))
-    outputs.append(x_SD.new_zeros(sizes[-1], w_out.shape[-1]))
-    return torch.cat(outputs)
-
-
 def expert_ffn_combine(
     x_TD: Tensor, token_S: Tensor, weight_S: Tensor, counts_E: Tensor,
     w_in: Tensor, w_out: Tensor, b_in: Tensor | None, b_out: Tensor | None,
@@ -252,22 +211,28 @@ def expert_ffn_combine(
     Slots are sorted by expert: the first ``counts_E[0]`` go to expert 0, and so on; slots after
     ``counts_E.sum()`` (dropped) are skipped. ``slot_KT`` (optional): token t's slots are exactly
     ``slot_KT[:, t]`` (positions in the sorted order) -- the combine is then K gathers instead of an
-    ``index_add_``. ``ffn_e(x) = act(x @ w_in[e] + b_in[e]) @ w_out[e] +
-    b_out[e]``. Methods: ``padded`` -- rows padded to the largest count and ``bmm`` (one host sync
-    for that count); ``bucketed`` -- the experts padded in tiers (`tier_plan`), one ``bmm`` per
-    tier, less padding when routing is uneven (one host sync for the counts); ``grouped`` --
-    ``torch._grouped_mm`` (no host sync off the CPU or under ``torch.compile``, so it traces without
-    a graph break; eager CPU syncs once to check the counts; needs 16-byte aligned widths); ``loop`` -- one matmul per expert. ``auto``: ``grouped`` wherever grouped GEMM is
-    supported (on a quiet 2-core CPU it measured 0.89 / 0.86 / 0.73x the dense-equivalent FFN at
-    E = 8 / 32 / 128 against 0.90 / 0.78 / 0.66x for the best padded layout, docs/BENCHMARKS.md),
-    else ``bucketed`` on CPU (``padded`` where `tier_plan` finds one tier best, and off CPU) while
-    the padding stays within `PAD_LIMIT` x the real rows, else ``loop``.
+    ``index_add_``. ``ffn_e(x) = act(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]``.
+
+    Methods: ``loop`` -- the fused per-expert kernel of `moe_core.expert_loop` (one host sync for
+    the counts; every temporary the size of one expert's block); ``padded`` -- rows padded to the
+    largest count and ``bmm`` (one host sync for that count); ``bucketed`` -- the experts padded in
+    tiers (`tier_plan`), one ``bmm`` per tier, less padding when routing is uneven (one host sync);
+    ``grouped`` -- ``torch._grouped_mm`` (no host sync off the CPU or under ``torch.compile``, so it
+    traces without a graph break; eager CPU syncs once to check the counts; needs 16-byte aligned
+    widths). ``auto``, chosen by measurement (docs/BENCHMARKS.md): ``loop`` on the CPU in eager
+    mode (on 2 cores, fp32, k=2: 0.97-1.0 / 0.89-0.92 / 0.66-0.68x the dense-equivalent FFN at
+    E = 8 / 32 / 128, against 0.89 / 0.86 / 0.73x for ``grouped`` at best); elsewhere ``grouped``
+    where grouped GEMM is supported (CUDA bf16 on sm90+; CPU 16-bit under ``torch.compile``), else
+    ``bucketed`` on CPU (``padded`` where `tier_plan` finds one tier best, and off CPU) while the
+    padding stays within `PAD_LIMIT` x the real rows, else ``loop``.
     """
     S, E = token_S.shape[0], w_in.shape[0]
     if counts_E.shape != (E,):
         raise ValueError(f"counts_E must have shape (num_experts={E},), got {tuple(counts_E.shape)}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto" and x_TD.device.type == "cpu" and not torch.compiler.is_compiling():
+        method = "loop"
     if method in ("auto", "grouped"):
         grouped_ok = grouped_mm_supported(
             x_TD, x_TD.shape[1], w_in.shape[2], w_out.shape[1], w_out.shape[2]
@@ -297,9 +262,7 @@ def expert_ffn_combine(
             method = "loop"
     weight_S = weight_S.to(x_TD.dtype)
     if method == "loop":
-        y_SD = _ffn_loop(x_TD.index_select(0, token_S), [*counts, S - total],
-                         w_in, w_out, b_in, b_out, activation)
-        return combine_rows(y_SD * weight_S.unsqueeze(1), token_S, slot_KT, x_TD.shape[0])
+        return expert_loop_ffn_combine(x_TD, token_S, weight_S, counts, w_in, w_out, b_in, b_out, activation)
     if method == "bucketed":
         layout = _Bucketed(counts_E, token_S, weight_S, tiers, x_TD.shape[0])
     elif method == "grouped":

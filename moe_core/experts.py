@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_core.dispatch import ACTIVATIONS, METHODS, apply_activation, expert_ffn_combine
+from moe_core.activations import ACTIVATIONS, apply_activation
+from moe_core.dispatch import METHODS, expert_ffn_combine
 from moe_core.routing import check_positive_int
 
 

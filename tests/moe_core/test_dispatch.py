@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from moe_core import expert_layouts
+from moe_core.activations import apply_activation
 from moe_core.dispatch import (
-    apply_activation,
     dispatch_combine,
     expert_capacity,
     expert_ffn_combine,
@@ -162,13 +162,13 @@ def test_padding_waste_falls_back_and_empty_inputs() -> None:
         dispatch_combine(x, token_S, expert_S, weight_S, bank, top_k=2)
 
 
-def test_bf16_padded_and_grouped() -> None:
+def test_bf16_kernels() -> None:
     torch.manual_seed(3)
     bank32 = ExpertBank(4, 16, 32)
     x = torch.randn(20, 16)
     token_S, expert_S, weight_S = torch.arange(20).repeat(2), torch.randint(0, 4, (40,)), torch.rand(40)
     want = dispatch_combine(x, token_S, expert_S, weight_S, bank32).output
-    for method in ("padded", "bucketed", "grouped"):
+    for method in ("padded", "bucketed", "grouped", "loop"):
         bank = ExpertBank(4, 16, 32, method=method).to(torch.bfloat16)
         bank.load_state_dict(bank32.state_dict())
         got = dispatch_combine(x.bfloat16(), token_S, expert_S, weight_S, bank).output
