@@ -22,6 +22,12 @@ on CPU the peak of the running sum of the allocation / free events the torch pro
 including the parameter gradients. ``act_mb`` is that peak minus the parameter gradients (which
 every variant must allocate), i.e. activations and temporaries.
 
+Each (E, k) config runs in a fresh process (``--in-process`` to share one): measured in one
+process, E = 8 running first slowed ``ours`` at E = 32 by about 8% (glibc's malloc raises its
+mmap / trim thresholds after large frees, which changes which later allocations fault), while
+fixing the thresholds (``MALLOC_MMAP_THRESHOLD_``) made the order irrelevant. All variants of one
+config still run interleaved in one process, so their ratios are measured in one run.
+
 Example: ``python benchmarks/moe_layer.py --experts 8 --top-k 2 --variants ours,dense_equiv --repeats 3``.
 """
 
@@ -30,6 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -195,6 +203,22 @@ def run_config(E: int, k: int, args: argparse.Namespace) -> list[dict]:
     return list(rows.values())
 
 
+def run_isolated(E: int, k: int, args: argparse.Namespace) -> list[dict]:
+    """`run_config` in a fresh Python process: the allocator state one config leaves behind
+    (glibc raises its mmap / trim thresholds after large frees) does not tilt the next one."""
+    command = [
+        sys.executable, __file__, "--experts", str(E), "--top-k", str(k), "--json",
+        "--tokens", str(args.tokens), "--d-model", str(args.d_model), "--d-hidden", str(args.d_hidden),
+        "--variants", ",".join(args.variants), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+        "--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device,
+        "--dense-soft-max-gb", str(args.dense_soft_max_gb), *([] if args.memory else ["--no-memory"]),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"config E={E} k={k} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     title = (f"MoE layer fwd+bwd, T={args.tokens} D={args.d_model} H={args.d_hidden} {args.dtype} "
              f"{args.device} threads={torch.get_num_threads()} torch {torch.__version__}")
@@ -246,6 +270,10 @@ def main() -> None:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory step")
     parser.add_argument("--dense-soft-max-gb", type=float, default=3.0)
     parser.add_argument("--json", action="store_true", help="print one JSON list of rows only")
+    parser.add_argument(
+        "--in-process", action="store_true",
+        help="run every (E, k) config in this process (default: each in a fresh one, see above)",
+    )
     args = parser.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(args.variants) - set(VARIANTS) - set(KERNEL_VARIANTS))
@@ -254,10 +282,10 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
     torch.set_num_threads(args.threads)
+    configs = [(int(E), int(k)) for E in args.experts.split(",") for k in args.top_k.split(",")]
     rows = []
-    for E in (int(v) for v in args.experts.split(",")):
-        for k in (int(v) for v in args.top_k.split(",")):
-            rows += run_config(E, k, args)
+    for E, k in configs:
+        rows += run_config(E, k, args) if args.in_process or len(configs) == 1 else run_isolated(E, k, args)
     if args.json:
         print(json.dumps(rows))
     else:

@@ -3,10 +3,11 @@
 * `ExpertBank` -- E feed-forward experts (GShard / Switch Transformer style, Lepikhin et al. 2020,
   Fedus et al. 2021) with stacked weights ``w_in`` ``(E, D, H)`` (``(E, D, 2H)`` for SwiGLU,
   Shazeer 2020) and ``w_out`` ``(E, H, D)``. Its ``forward_sorted`` is the fused fast path the
-  dispatch uses: gather, grouped (``torch._grouped_mm``, the ``auto`` choice wherever supported)
-  or batched (padded ``bmm``, one or one per padding tier) GEMMs per matrix, weighted combine,
-  with a hand-written backward (`moe_core.dispatch.expert_ffn_combine`); ``loop`` is the
-  fallback of one matmul per expert.
+  dispatch uses: gather, expert GEMMs, weighted combine, as one autograd node with a hand-written
+  backward (`moe_core.dispatch.expert_ffn_combine`), computed one expert block at a time
+  (``loop``, `moe_core.expert_loop`: the ``auto`` choice on the CPU), with grouped GEMMs
+  (``torch._grouped_mm``: ``auto`` on CUDA bf16) or with batched padded ``bmm`` (one, or one per
+  padding tier).
 * `ModuleExperts` -- any list of modules (heterogeneous allowed), computed one expert at a time.
 * `ConvExperts` -- each expert a small conv block ``conv -> GroupNorm -> act`` over feature-map
   tokens ``(C, H, W)`` (the routed-convolution setting of CondConv, Yang et al. 2019, done as
