@@ -3,7 +3,9 @@
 Variants (all forward + backward of ``loss = mean(output**2)`` wrt the input and every parameter,
 gradients set to None before each step, as ``optimizer.zero_grad()`` does):
 
-* ``ours``          -- ``moe_core.layer.MoE(TopKRouter, ExpertBank)``, dropless, eager;
+* ``ours``          -- ``moe_core.layer.MoE(TopKRouter, ExpertBank)``, dropless, eager (with
+                       ``--router expert_choice``: ``ExpertChoiceRouter`` with capacity factor k,
+                       every expert takes ``T * k / E`` tokens, the same active compute);
 * ``ours_compiled`` -- the same layer under ``torch.compile`` (compile time not timed);
 * ``ours_padded`` / ``ours_bucketed`` / ``ours_grouped`` / ``ours_loop`` -- the layer with one
                        expert kernel forced (``ExpertBank(method=...)``: padded ``bmm``, one
@@ -43,6 +45,7 @@ import time
 import torch
 from torch import nn
 
+from moe_core.expert_choice import ExpertChoiceRouter
 from moe_core.experts import FFN, ExpertBank
 from moe_core.layer import MoE
 from moe_core.routers import SoftmaxRouter, TopKRouter
@@ -84,11 +87,14 @@ class DenseSoftMoE(nn.Module):
         return torch.einsum("te,ted->td", probs, self.experts.forward_dense(x))
 
 
-def build(variant: str, E: int, k: int, D: int, H: int, dtype: torch.dtype, device: str) -> nn.Module:
+def build(
+    variant: str, E: int, k: int, D: int, H: int, dtype: torch.dtype, device: str, router: str = "topk"
+) -> nn.Module:
     torch.manual_seed(0)
     if variant in ("ours", "ours_compiled", *KERNEL_VARIANTS):
         method = variant.removeprefix("ours_") if variant in KERNEL_VARIANTS else "auto"
-        layer = MoE(TopKRouter(D, E, top_k=k), ExpertBank(E, D, H, method=method)).to(device)
+        gate = TopKRouter(D, E, top_k=k) if router == "topk" else ExpertChoiceRouter(D, E, capacity_factor=k)
+        layer = MoE(gate, ExpertBank(E, D, H, method=method)).to(device)
         layer.experts.to(dtype)  # the router stays fp32
         if variant == "ours_compiled":
             return torch.compile(layer)
@@ -163,10 +169,12 @@ def run_config(E: int, k: int, args: argparse.Namespace) -> list[dict]:
         row = {"num_experts": E, "top_k": k, "variant": variant, "tokens": T, "d_model": D,
                "d_hidden": H, "dtype": args.dtype, "device": device}
         reason = skip_reason(variant, E, k, T, D, H, dtype, args.dense_soft_max_gb, device)
+        if args.router != "topk" and variant in ("naive", "dense_soft"):
+            reason = "skipped: a token-choice baseline"
         if reason:
             row.update(tokens_per_s=None, ms=None, peak_mem_mb=None, act_mem_mb=None, note=reason)
         else:
-            modules[variant] = build(variant, E, k, D, H, dtype, device)
+            modules[variant] = build(variant, E, k, D, H, dtype, device, args.router)
         rows[variant] = row
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(T, D, generator=g).to(device, dtype).requires_grad_(True)
@@ -210,7 +218,7 @@ def run_isolated(E: int, k: int, args: argparse.Namespace) -> list[dict]:
         sys.executable, __file__, "--experts", str(E), "--top-k", str(k), "--json",
         "--tokens", str(args.tokens), "--d-model", str(args.d_model), "--d-hidden", str(args.d_hidden),
         "--variants", ",".join(args.variants), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-        "--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device,
+        "--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device, "--router", args.router,
         "--dense-soft-max-gb", str(args.dense_soft_max_gb), *([] if args.memory else ["--no-memory"]),
     ]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -220,7 +228,7 @@ def run_isolated(E: int, k: int, args: argparse.Namespace) -> list[dict]:
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    title = (f"MoE layer fwd+bwd, T={args.tokens} D={args.d_model} H={args.d_hidden} {args.dtype} "
+    title = (f"MoE layer ({args.router} routing) fwd+bwd, T={args.tokens} D={args.d_model} H={args.d_hidden} {args.dtype} "
              f"{args.device} threads={torch.get_num_threads()} torch {torch.__version__}")
     headers = ["E", "k", "variant", "ms/step", "tokens/s", "peak MB", "act MB", "vs dense_equiv",
                "vs naive", "act mem vs dense", "note"]
@@ -266,6 +274,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--router", choices=("topk", "expert_choice"), default="topk")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory step")
     parser.add_argument("--dense-soft-max-gb", type=float, default=3.0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from moe_core import expert_layouts
+from moe_core import dispatch, expert_layouts
 from moe_core.activations import apply_activation
 from moe_core.dispatch import (
     dispatch_combine,
@@ -16,8 +16,11 @@ from moe_core.dispatch import (
     expert_ffn_combine,
     sort_slots,
 )
+from moe_core.expert_choice import ExpertChoiceRouter
 from moe_core.expert_layouts import tier_plan
 from moe_core.experts import ExpertBank, ModuleExperts
+from moe_core.layer import MoE
+from moe_core.routers import TopKRouter
 
 
 def _loop_sort(expert_S: list[int], num_experts: int, capacity: int | None):
@@ -214,3 +217,21 @@ def test_tier_plan_is_the_cheapest_split(seed: int) -> None:
         tier = expert_layouts.TIER_COPY_ROWS * len(experts) + expert_layouts.TIER_FIXED_ROWS
         cost += tier if k > 0 else 0
     assert cost == _brute_force_tier_cost(counts)
+
+
+def test_auto_on_cpu_loops_over_uneven_blocks_and_batches_expert_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Token choice (uneven blocks) takes the per-expert kernel; expert choice (every expert the
+    same C rows) takes one batched ``bmm`` per matrix, with no Python loop over the experts."""
+    used: list[str] = []
+    loop, fused = dispatch.expert_loop_ffn_combine, dispatch._ExpertFFNCombine.apply
+    monkeypatch.setattr(dispatch, "expert_loop_ffn_combine",
+                        lambda *a: used.append("loop") or loop(*a))
+    monkeypatch.setattr(dispatch._ExpertFFNCombine, "apply",
+                        lambda *a: used.append(type(a[6]).__name__) or fused(*a))
+    torch.manual_seed(4)
+    x = torch.randn(64, 16)
+    MoE(TopKRouter(16, 8, top_k=2), ExpertBank(8, 16, 32))(x).output.sum().backward()
+    MoE(ExpertChoiceRouter(16, 8, capacity_factor=1.0), ExpertBank(8, 16, 32))(x).output.sum().backward()
+    assert used == ["loop", "_Padded"]
