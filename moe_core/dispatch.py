@@ -219,11 +219,12 @@ def expert_ffn_combine(
     tiers (`tier_plan`), one ``bmm`` per tier, less padding when routing is uneven (one host sync);
     ``grouped`` -- ``torch._grouped_mm`` (no host sync off the CPU or under ``torch.compile``, so it
     traces without a graph break; eager CPU syncs once to check the counts; needs 16-byte aligned
-    widths). ``auto``, chosen by measurement (docs/BENCHMARKS.md): on the CPU in eager mode
-    ``loop`` (on 2 cores, fp32, k=2: 0.97-1.0 / 0.89-0.92 / 0.66-0.68x the dense-equivalent FFN at
-    E = 8 / 32 / 128, against 0.89 / 0.86 / 0.73x for ``grouped`` at best), except that equal
-    blocks (expert choice: no padding) run ``padded``, one ``bmm`` per matrix; elsewhere ``grouped``
-    where grouped GEMM is supported (CUDA bf16 on sm90+; CPU 16-bit under ``torch.compile``), else
+    widths). ``auto``, chosen by measurement (docs/BENCHMARKS.md): fp32 on the CPU in eager mode
+    runs ``loop`` (2 cores, k=2: 0.97-1.0 / 0.85-0.91 / 0.55-0.68x the dense-equivalent FFN at
+    E = 8 / 32 / 128, against 0.92 / 0.84 / 0.69x for ``grouped`` in the same run), except that
+    equal blocks (expert choice: no padding) run ``padded``, one ``bmm`` per matrix; elsewhere
+    ``grouped`` where grouped GEMM is supported (CPU 16-bit floats, where it beat ``loop`` in bf16;
+    CUDA bf16 on sm90+), else
     ``bucketed`` on CPU (``padded`` where `tier_plan` finds one tier best, and off CPU) while the
     padding stays within `PAD_LIMIT` x the real rows, else ``loop``.
     """
@@ -232,8 +233,9 @@ def expert_ffn_combine(
         raise ValueError(f"counts_E must have shape (num_experts={E},), got {tuple(counts_E.shape)}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    cpu_eager = x_TD.device.type == "cpu" and not torch.compiler.is_compiling()
-    if method == "grouped" or (method == "auto" and not cpu_eager):
+    # measured (docs/BENCHMARKS.md): fp32 on the CPU -> per-expert kernel; 16-bit -> grouped GEMM
+    cpu_fp32 = x_TD.device.type == "cpu" and x_TD.element_size() >= 4 and not torch.compiler.is_compiling()
+    if method == "grouped" or (method == "auto" and not cpu_fp32):
         grouped_ok = grouped_mm_supported(
             x_TD, x_TD.shape[1], w_in.shape[2], w_out.shape[1], w_out.shape[2]
         )
@@ -251,7 +253,7 @@ def expert_ffn_combine(
         total, largest = sum(counts), max(counts)
         if total > S:
             raise ValueError(f"counts_E sums to {total} but there are only {S} slots")
-    if method == "auto" and cpu_eager:  # equal blocks (expert choice): one bmm per matrix, no padding
+    if method == "auto" and cpu_fp32:  # equal blocks (expert choice): one bmm per matrix, no padding
         method = "padded" if largest * E == total else "loop"
     tiers = tier_plan(counts) if method == "bucketed" else []
     if method == "auto":  # tiers measured on CPU only (docs/BENCHMARKS.md); one tier = padded
