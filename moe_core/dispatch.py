@@ -9,11 +9,12 @@ O(S * D): no ``(T, E, C)`` or ``(T, K, E)`` one-hot anywhere, and no host sync i
 For `ExpertBank` the gather, the expert FFN and the combine are one autograd node
 (`expert_ffn_combine`) with a hand-written backward, computed by one of four kernels chosen by
 measurement (docs/BENCHMARKS.md): one expert block at a time with every temporary the size of one
-block (`moe_core.expert_loop`; the ``auto`` choice on the CPU), or on one of the row layouts of
-`moe_core.expert_layouts`: rows padded to the largest expert and ``bmm``, experts padded in a few
-tiers of rows with one ``bmm`` per tier (less padding when routing is uneven), or
-``torch._grouped_mm`` over the sorted rows (no padding; no host sync off the CPU or under
-``torch.compile``; the ``auto`` choice wherever grouped GEMM is supported off the CPU). On the
+block (`moe_core.expert_loop`; the ``auto`` choice for fp32 on the CPU), or on one of the row
+layouts of `moe_core.expert_layouts`: rows padded to the largest expert and ``bmm`` (``auto`` for
+equal blocks, as expert choice gives), experts padded in a few tiers of rows with one ``bmm`` per
+tier (less padding when routing is uneven), or ``torch._grouped_mm`` over the sorted rows (no
+padding; no host sync off the CPU or under ``torch.compile``; the ``auto`` choice for 16-bit
+floats and on CUDA wherever grouped GEMM is supported). On the
 layouts, token-choice slots are k-major, so the combine is K row gathers (deterministic) rather
 than an ``index_add_``.
 

@@ -1,6 +1,7 @@
 """The expert FFN and weighted combine one expert at a time, fused, with a hand-written backward.
 
-The ``loop`` kernel of `moe_core.dispatch.expert_ffn_combine` (the ``auto`` choice on the CPU).
+The ``loop`` kernel of `moe_core.dispatch.expert_ffn_combine` (the ``auto`` choice for fp32 on the
+CPU).
 Slots are sorted by expert (MegaBlocks' dropless layout, Gale et al. 2022); for each expert in turn
 its rows are gathered, pushed through ``act(x W_in + b_in) W_out + b_out``, scaled by their
 combine weights and added into their tokens' outputs while they are still in cache.
@@ -55,11 +56,10 @@ class _ExpertLoopFFNCombine(torch.autograd.Function):
     """``out[t] = sum_s weight_S[s] * ffn_{e(s)}(x[token_S[s]])``, one expert block at a time."""
 
     @staticmethod
-    def forward(ctx, x_TD, weight_S, w_in, w_out, b_in, b_out, token_S, blocks, activation):  # type: ignore[override]
+    def forward(ctx, x_TD, weight_S, w_in, w_out, b_in, b_out, token_S, blocks, activation, training):  # type: ignore[override]
         D, H_in, H, D_out = w_in.shape[1], w_in.shape[2], w_out.shape[1], w_out.shape[2]
         out_TD = x_TD.new_zeros(x_TD.shape[0], D_out)
         largest = max((end - start for _, start, end in blocks), default=0)
-        training = any(ctx.needs_input_grad[:6])
         h_RH = x_TD.new_empty(blocks[-1][2] if blocks else 0, H_in) if training else None
         ws = _Workspace(x_TD, largest, x=D, h=0 if training else H_in, a=H, y=D_out)
         for e, start, end in blocks:
@@ -119,7 +119,7 @@ class _ExpertLoopFFNCombine(torch.autograd.Function):
                 torch.sum(grad_h, 0, out=grad_b_in[e])
             if grad_x is not None:
                 grad_x.index_add_(0, token_n, torch.mm(grad_h, w_in[e].t(), out=x_n))
-        return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None
+        return grad_x, grad_weight, grad_w_in, grad_w_out, grad_b_in, grad_b_out, None, None, None, None
 
 
 def _block_grad_buffer(param: Tensor | None, blocks: list[tuple[int, int, int]]) -> Tensor | None:
@@ -140,7 +140,8 @@ def expert_loop_ffn_combine(
 ) -> Tensor:
     """``(T, D_out)``: sum over each token's sorted slots of weight * expert FFN (see the module
     docstring). ``counts``: host list of rows per expert, in order; slots past their sum
-    (dropped by capacity) are skipped and get a zero weight gradient."""
-    return _ExpertLoopFFNCombine.apply(
-        x_TD, weight_S, w_in, w_out, b_in, b_out, token_S, expert_blocks(counts), activation
-    )
+    (dropped by capacity) are skipped and get a zero weight gradient. Without autograd (no
+    input needs a gradient, or grad mode is off) the pre-activation is not kept."""
+    inputs = (x_TD, weight_S, w_in, w_out, b_in, b_out)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return _ExpertLoopFFNCombine.apply(*inputs, token_S, expert_blocks(counts), activation, training)

@@ -5,9 +5,9 @@
   Shazeer 2020) and ``w_out`` ``(E, H, D)``. Its ``forward_sorted`` is the fused fast path the
   dispatch uses: gather, expert GEMMs, weighted combine, as one autograd node with a hand-written
   backward (`moe_core.dispatch.expert_ffn_combine`), computed one expert block at a time
-  (``loop``, `moe_core.expert_loop`: the ``auto`` choice on the CPU), with grouped GEMMs
-  (``torch._grouped_mm``: ``auto`` on CUDA bf16) or with batched padded ``bmm`` (one, or one per
-  padding tier).
+  (``loop``, `moe_core.expert_loop`: the ``auto`` choice for fp32 on the CPU), with grouped GEMMs
+  (``torch._grouped_mm``: ``auto`` for 16-bit floats and on CUDA bf16) or with batched padded
+  ``bmm`` (one, or one per padding tier; ``auto`` for equal blocks such as expert choice).
 * `ModuleExperts` -- any list of modules (heterogeneous allowed), computed one expert at a time.
 * `ConvExperts` -- each expert a small conv block ``conv -> GroupNorm -> act`` over feature-map
   tokens ``(C, H, W)`` (the routed-convolution setting of CondConv, Yang et al. 2019, done as
