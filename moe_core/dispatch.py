@@ -235,7 +235,11 @@ def expert_ffn_combine(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     # measured (docs/BENCHMARKS.md): fp32 on the CPU -> per-expert kernel; 16-bit -> grouped GEMM
-    cpu_fp32 = x_TD.device.type == "cpu" and x_TD.element_size() >= 4 and not torch.compiler.is_compiling()
+    cpu_fp32 = x_TD.device.type == "cpu" and x_TD.element_size() >= 4
+    if method == "auto" and cpu_fp32 and torch.compiler.is_compiling():  # one opaque call, eager
+        return _expert_ffn_combine_eager(
+            x_TD, token_S, weight_S, counts_E, w_in, w_out, b_in, b_out, activation, method, slot_KT
+        )
     if method == "grouped" or (method == "auto" and not cpu_fp32):
         grouped_ok = grouped_mm_supported(
             x_TD, x_TD.shape[1], w_in.shape[2], w_out.shape[1], w_out.shape[2]
@@ -278,6 +282,14 @@ def expert_ffn_combine(
     return _ExpertFFNCombine.apply(
         x_TD, layout.weight_R, w_in, w_out, b_in, b_out, layout, activation, rows_KT
     )
+
+
+@torch.compiler.disable
+def _expert_ffn_combine_eager(*args) -> Tensor:
+    """`expert_ffn_combine` outside the compiled graph: fp32 on the CPU has no traceable kernel
+    (``torch._grouped_mm`` takes 16-bit floats only there), and the eager choice reads the counts
+    on the host; one graph break here instead of a recompile for every new count."""
+    return expert_ffn_combine(*args)
 
 
 def dispatch_combine(
