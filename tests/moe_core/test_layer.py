@@ -289,6 +289,26 @@ def test_bf16_layer_without_stats_compiles_to_one_graph(router: str) -> None:
     torch.testing.assert_close(compiled(x).output, layer(x).output, atol=2e-2, rtol=2e-2)
 
 
+def test_compiled_fp32_layer_does_not_recompile_when_the_counts_change() -> None:
+    """fp32 on the CPU runs its expert kernel eagerly behind one disabled call: new per-expert
+    counts (another batch routes differently) must not trigger a recompile."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(10)
+    layer = MoE(TopKRouter(16, E, top_k=2), ExpertBank(E, 16, 32), track_stats=False)
+    counter = CompileCounter()
+    compiled = torch.compile(layer, backend=counter, dynamic=False)
+    x1, x2 = torch.randn(40, 16), 3 * torch.randn(40, 16) + 1
+    assert layer.router(x1).expert_indices_TK.flatten().bincount(minlength=E).tolist() != \
+        layer.router(x2).expert_indices_TK.flatten().bincount(minlength=E).tolist()
+    torch.testing.assert_close(compiled(x1).output, layer(x1).output, atol=1e-5, rtol=1e-4)
+    frames = counter.frame_count
+    out = compiled(x2).output
+    torch.testing.assert_close(out, layer(x2).output, atol=1e-5, rtol=1e-4)
+    out.sum().backward()
+    assert counter.frame_count == frames
+
+
 def test_validation_errors() -> None:
     with pytest.raises(ValueError, match="capacity_factor"):
         MoE(TopKRouter(D, E), ExpertBank(E, D, H), capacity_factor=0)
