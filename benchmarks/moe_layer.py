@@ -293,8 +293,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     configs = [(int(E), int(k)) for E in args.experts.split(",") for k in args.top_k.split(",")]
     rows = []
-    for E, k in configs:
+    for i, (E, k) in enumerate(configs, 1):
+        start = time.perf_counter()
         rows += run_config(E, k, args) if args.in_process or len(configs) == 1 else run_isolated(E, k, args)
+        print(f"[{i}/{len(configs)}] E={E} k={k} measured in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows))
     else:
