@@ -147,8 +147,11 @@ def peak_memory_mb(module: nn.Module, x: torch.Tensor, device: str) -> float:
 
 
 def skip_reason(
-    variant: str, E: int, k: int, T: int, D: int, H: int, dtype: torch.dtype, max_gb: float, device: str
+    variant: str, E: int, k: int, T: int, D: int, H: int, dtype: torch.dtype, max_gb: float, device: str,
+    router: str,
 ) -> str | None:
+    if router != "topk" and variant in ("naive", "dense_soft"):
+        return "skipped: a token-choice baseline"
     if variant == "ours_grouped" and device == "cuda" and dtype != torch.bfloat16:
         return "skipped: torch._grouped_mm on CUDA takes bf16 only"
     if variant == "dense_soft":
@@ -168,9 +171,7 @@ def run_config(E: int, k: int, args: argparse.Namespace) -> list[dict]:
     for variant in args.variants:
         row = {"num_experts": E, "top_k": k, "variant": variant, "tokens": T, "d_model": D,
                "d_hidden": H, "dtype": args.dtype, "device": device}
-        reason = skip_reason(variant, E, k, T, D, H, dtype, args.dense_soft_max_gb, device)
-        if args.router != "topk" and variant in ("naive", "dense_soft"):
-            reason = "skipped: a token-choice baseline"
+        reason = skip_reason(variant, E, k, T, D, H, dtype, args.dense_soft_max_gb, device, args.router)
         if reason:
             row.update(tokens_per_s=None, ms=None, peak_mem_mb=None, act_mem_mb=None, note=reason)
         else:
@@ -213,14 +214,9 @@ def run_config(E: int, k: int, args: argparse.Namespace) -> list[dict]:
 
 def run_isolated(E: int, k: int, args: argparse.Namespace) -> list[dict]:
     """`run_config` in a fresh Python process: the allocator state one config leaves behind
-    (glibc raises its mmap / trim thresholds after large frees) does not tilt the next one."""
-    command = [
-        sys.executable, __file__, "--experts", str(E), "--top-k", str(k), "--json",
-        "--tokens", str(args.tokens), "--d-model", str(args.d_model), "--d-hidden", str(args.d_hidden),
-        "--variants", ",".join(args.variants), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-        "--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device, "--router", args.router,
-        "--dense-soft-max-gb", str(args.dense_soft_max_gb), *([] if args.memory else ["--no-memory"]),
-    ]
+    (glibc raises its mmap / trim thresholds after large frees) does not tilt the next one.
+    The child gets this command line with one config appended (argparse keeps the last value)."""
+    command = [sys.executable, __file__, *sys.argv[1:], "--experts", str(E), "--top-k", str(k), "--json"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"config E={E} k={k} failed:\n{done.stderr}")
