@@ -8,21 +8,25 @@ several experts or by none. The result is a `Routing` in expert-choice form: ``t
 (int64) and ``combine_weights_EC``. Note that a token's pick depends on the other tokens of the
 batch (the top-C is over T), as in the paper; padding tokens should be masked by the caller.
 
-The gate follows the conventions of `moe_core.routers`: float32 logits whatever the input dtype,
-no bias, normal init with std 0.02 (small, but no ties).
+The gate follows the conventions of `moe_core.routers` (shared helpers of `moe_core.routing`):
+float32 logits whatever the input dtype, no bias, normal init with std 0.02 (small, but no ties).
 """
 
 from __future__ import annotations
 
 import math
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_core.routing import Routing, check_features, check_positive_int
-
-GATE_INIT_STD = 0.02
-"""Std of the normal gate init of every router (`moe_core.routers` uses this one too)."""
+from moe_core.routing import (
+    GATE_INIT_STD,  # noqa: F401  (still importable from here, where it used to live)
+    Routing,
+    check_float,
+    check_positive_int,
+    flatten_tokens,
+    gate_logits,
+    new_gate,
+)
 
 
 class ExpertChoiceRouter(nn.Module):
@@ -32,29 +36,21 @@ class ExpertChoiceRouter(nn.Module):
         super().__init__()
         check_positive_int(d_model, "d_model")
         check_positive_int(num_experts, "num_experts")
-        if (
-            isinstance(capacity_factor, bool)
-            or not isinstance(capacity_factor, (int, float))
-            or not math.isfinite(capacity_factor)
-            or capacity_factor <= 0
-        ):
-            raise ValueError(
-                f"capacity_factor must be a finite number > 0 (tokens per expert = "
-                f"ceil(capacity_factor * T / E)), got {capacity_factor!r}"
-            )
+        check_float(
+            capacity_factor, "capacity_factor",
+            hint=" (tokens per expert = ceil(capacity_factor * T / E))",
+        )
         self.d_model, self.num_experts = d_model, num_experts
         self.capacity_factor = float(capacity_factor)
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=GATE_INIT_STD)
+        self.gate = new_gate(d_model, num_experts)
 
     def capacity(self, num_tokens: int) -> int:
         """C = min(T, ceil(capacity_factor * T / E))."""
         return min(num_tokens, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
 
     def forward(self, x: Tensor, *, token_ids_T: Tensor | None = None) -> Routing:
-        check_features(x, self.d_model, where="ExpertChoiceRouter")
-        x_TD = x.reshape(-1, self.d_model)
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        x_TD = flatten_tokens(x, self.d_model, "ExpertChoiceRouter")
+        logits_TE = gate_logits(self.gate, x_TD)
         scores_TE = logits_TE.softmax(-1)
         C = self.capacity(x_TD.shape[0])
         weight_EC, token_EC = scores_TE.t().topk(C, dim=-1, sorted=True)

@@ -14,7 +14,6 @@ the combine weights, Shazeer et al. 2017), keeps them in ``self.last_aux_losses`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 from moe_core.diagnostics import RoutingStats, routing_stats
 from moe_core.dispatch import dispatch_routing, expert_capacity
 from moe_core.losses import dense_gates, importance_loss, load_balancing_loss, router_z_loss
-from moe_core.routing import Routing, check_positive_int, describe_tensor
+from moe_core.routing import Routing, check_float, check_positive_int, describe_tensor
 
 
 @dataclass(frozen=True)
@@ -100,15 +99,8 @@ class MoE(nn.Module):
                 raise ValueError(
                     f"d_model mismatch: shared_experts.d_model={shared_d} but experts.d_model={experts_d}"
                 )
-        if capacity_factor is not None and (
-            isinstance(capacity_factor, bool)
-            or not isinstance(capacity_factor, (int, float))
-            or not math.isfinite(capacity_factor)
-            or capacity_factor <= 0
-        ):
-            raise ValueError(
-                f"capacity_factor must be a finite number > 0, or None for dropless, got {capacity_factor!r}"
-            )
+        if capacity_factor is not None:
+            check_float(capacity_factor, "capacity_factor", hint=", or None for dropless")
         check_positive_int(min_capacity, "min_capacity")
         self.router, self.experts, self.shared_experts = router, experts, shared_experts
         self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
@@ -176,8 +168,9 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: token_mask must be a bool tensor (True = real token), got {mask_T.dtype}")
 
         real_T = None if mask_T is None else mask_T.nonzero().squeeze(1)
-        xr_T = x_T if real_T is None else x_T.index_select(0, real_T)
+        xr_T = x_T
         if real_T is not None:
+            xr_T = x_T.index_select(0, real_T)
             r_T = r_T.index_select(0, real_T)
             ids_T = None if ids_T is None else ids_T.index_select(0, real_T)
 

@@ -19,13 +19,12 @@ nothing, and an all-masked input gives 0 (not NaN). Losses are computed in float
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from moe_core.routing import Routing, check_mask, describe_tensor
+from moe_core.routing import Routing, check_float, check_mask, describe_tensor
 
 AUX_LOSS_NAMES: tuple[str, ...] = ("load_balance", "z_loss", "importance")
 """The loss names MoE layers put in ``last_aux_losses``; `weighted_aux_loss` accepts only these."""
@@ -156,16 +155,7 @@ def weighted_aux_loss(aux: Mapping[str, Tensor], coefficients: Mapping[str, floa
                 f"weighted_aux_loss: unknown coefficient name {name!r}; allowed names are "
                 f"{list(AUX_LOSS_NAMES)}"
             )
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value < 0
-        ):
-            raise ValueError(
-                f"weighted_aux_loss: coefficient {name!r} must be a finite number >= 0, "
-                f"got {value!r}"
-            )
+        check_float(value, f"weighted_aux_loss: coefficient {name!r}", low_open=False)
     terms = [
         float(coefficients[name]) * aux[name]
         for name in AUX_LOSS_NAMES

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from moe_core.experts import ModuleExperts
 from moe_core.losses import importance_loss
-from moe_core.routing import check_features, check_positive_int
+from moe_core.routing import check_features, check_positive_int, flatten_tokens
 
 MLP_ACTIVATIONS = ("relu", "gelu")
 
@@ -143,8 +143,23 @@ def _gate_probs(gate: nn.Linear, x_BD: Tensor) -> Tensor:
     return F.linear(x_BD.to(dtype), gate.weight.to(dtype)).softmax(-1)
 
 
-def _mean_importance(gates: Sequence[Tensor]) -> Tensor:
-    return torch.stack([importance_loss(g) for g in gates]).mean()
+def _finish(
+    module: MMoE | PLE,
+    lead: torch.Size,
+    outputs_BH: Sequence[Tensor],
+    gates_BE: Sequence[Tensor],
+    loss_gates: Sequence[Tensor],
+) -> MultiGateOutput:
+    """The `MultiGateOutput` of ``module`` with the input's leading dims restored; records
+    ``last_aux_losses`` (mean importance loss of ``loss_gates``) and ``last_gate_weights``."""
+    aux = {"importance": torch.stack([importance_loss(g) for g in loss_gates]).mean()}
+    module.last_aux_losses = aux
+    module.last_gate_weights = [g.detach() for g in gates_BE]
+    return MultiGateOutput(  # explicit widths: an empty batch has no -1 to infer
+        task_outputs=[o.reshape(*lead, o.shape[-1]) for o in outputs_BH],
+        gate_weights=[g.reshape(*lead, g.shape[-1]) for g in gates_BE],
+        aux_losses=aux,
+    )
 
 
 class MMoE(nn.Module):
@@ -185,9 +200,8 @@ class MMoE(nn.Module):
 
     def forward(self, x: Tensor) -> MultiGateOutput:
         """``x (..., d_in)`` -> one ``(..., H)`` output and one ``(..., E)`` gate per task."""
-        check_features(x, self.d_in, where="MMoE")
+        x_BD = flatten_tokens(x, self.d_in, "MMoE")
         lead = x.shape[:-1]
-        x_BD = x.reshape(-1, self.d_in)
         y_BEH = self.experts.forward_dense(x_BD)
         if y_BEH.dim() != 3 or y_BEH.shape[:2] != (x_BD.shape[0], self.num_experts):
             raise ValueError(
@@ -196,14 +210,7 @@ class MMoE(nn.Module):
             )
         gates = [_gate_probs(gate, x_BD) for gate in self.gates]
         outputs = [torch.einsum("be,beh->bh", g.to(y_BEH.dtype), y_BEH) for g in gates]
-        aux = {"importance": _mean_importance(gates)}
-        self.last_aux_losses = aux
-        self.last_gate_weights = [g.detach() for g in gates]
-        return MultiGateOutput(
-            task_outputs=[o.reshape(*lead, -1) for o in outputs],
-            gate_weights=[g.reshape(*lead, self.num_experts) for g in gates],
-            aux_losses=aux,
-        )
+        return _finish(self, lead, outputs, gates, gates)
 
 
 class CGC(nn.Module):
@@ -358,9 +365,8 @@ class PLE(nn.Module):
 
     def forward(self, x: Tensor) -> MultiGateOutput:
         """``x (..., d_in)`` -> per task a ``(..., d_expert)`` output and the last level's gate."""
-        check_features(x, self.d_in, where="PLE")
+        x_BD = flatten_tokens(x, self.d_in, "PLE")
         lead = x.shape[:-1]
-        x_BD = x.reshape(-1, self.d_in)
         task_inputs: list[Tensor] = [x_BD] * self.num_tasks
         shared_input: Tensor | None = x_BD
         all_gates: list[Tensor] = []
@@ -370,11 +376,4 @@ class PLE(nn.Module):
             all_gates += out.gate_weights
             if out.shared_gate_weights is not None:
                 all_gates.append(out.shared_gate_weights)
-        aux = {"importance": _mean_importance(all_gates)}
-        self.last_aux_losses = aux
-        self.last_gate_weights = [g.detach() for g in out.gate_weights]
-        return MultiGateOutput(
-            task_outputs=[o.reshape(*lead, -1) for o in out.task_outputs],
-            gate_weights=[g.reshape(*lead, -1) for g in out.gate_weights],
-            aux_losses=aux,
-        )
+        return _finish(self, lead, out.task_outputs, out.gate_weights, all_gates)

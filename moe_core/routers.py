@@ -15,51 +15,32 @@ input dtype (the input is cast and the gate weight is used in float32, as Switch
 * `HashRouter`: a fixed random token-id -> expert table, nothing to learn (Roller et al. 2021).
 * ``"expert_choice"``: `moe_core.expert_choice.ExpertChoiceRouter` (Zhou et al. 2022).
 
-Gate init: normal with std 0.02 (no bias). A zero init would make every logit tie, so top-k would
-send every token to expert 0 at step 0; a small random init breaks ties while keeping the
-initial routing close to uniform. The sparse routers order each token's slots best first
-(``k = 0`` is its top choice), which the k-major slot order of `Routing.assignments` relies on
-for capacity priority; `SoftmaxRouter` lists all experts in index order (dense, nothing dropped).
+Gate init (`moe_core.routing.new_gate`): normal with std 0.02 (no bias). A zero init would make
+every logit tie, so top-k would send every token to expert 0 at step 0; a small random init
+breaks ties while keeping the initial routing close to uniform. The sparse routers order each
+token's slots best first (``k = 0`` is its top choice), which the k-major slot order of
+`Routing.assignments` relies on for capacity priority; `SoftmaxRouter` lists all experts in index
+order (dense, nothing dropped).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_core.expert_choice import GATE_INIT_STD, ExpertChoiceRouter
-from moe_core.routing import Routing, check_features, check_positive_int, describe_tensor
+from moe_core.expert_choice import ExpertChoiceRouter
+from moe_core.routing import (
+    Routing,
+    check_float,
+    check_positive_int,
+    describe_tensor,
+    flatten_tokens,
+    gate_logits,
+    new_gate,
+)
 
 NORMALIZE_CHOICES = ("softmax_then_topk", "topk_then_softmax")
-
-
-def _new_gate(d_model: int, n_out: int) -> nn.Linear:
-    gate = nn.Linear(d_model, n_out, bias=False)
-    nn.init.normal_(gate.weight, std=GATE_INIT_STD)
-    return gate
-
-
-def _tokens(x: Tensor, d_model: int, where: str) -> Tensor:
-    """Check ``x`` is float ``(..., d_model)`` and flatten it to ``x_TD``."""
-    check_features(x, d_model, where=where)
-    return x.reshape(-1, d_model)
-
-
-def _logits(gate: nn.Linear, x_TD: Tensor) -> Tensor:
-    """Gate logits in float32 (input and weight cast), ``(T, n_out)``."""
-    return F.linear(x_TD.float(), gate.weight.float())
-
-
-def _check_float(value: float, name: str, *, low: float, low_open: bool, high: float | None = None):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (high is None or value < high)
-    if not ok:
-        bound = f"> {low}" if low_open else f">= {low}"
-        allowed = bound if high is None else f"{bound} and < {high}"
-        raise ValueError(f"{name} must be a finite number {allowed}, got {value!r}")
 
 
 class SoftmaxRouter(nn.Module):
@@ -70,10 +51,10 @@ class SoftmaxRouter(nn.Module):
         check_positive_int(d_model, "d_model")
         check_positive_int(num_experts, "num_experts")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, num_experts
-        self.gate = _new_gate(d_model, num_experts)
+        self.gate = new_gate(d_model, num_experts)
 
     def forward(self, x: Tensor, *, token_ids_T: Tensor | None = None) -> Routing:
-        logits_TE = _logits(self.gate, _tokens(x, self.d_model, "SoftmaxRouter"))
+        logits_TE = gate_logits(self.gate, flatten_tokens(x, self.d_model, "SoftmaxRouter"))
         probs_TE = logits_TE.softmax(-1)
         T, E = probs_TE.shape
         indices_TE = torch.arange(E, device=probs_TE.device).expand(T, E).contiguous()
@@ -96,17 +77,17 @@ class GumbelRouter(nn.Module):
         super().__init__()
         check_positive_int(d_model, "d_model")
         check_positive_int(num_experts, "num_experts")
-        _check_float(temperature, "temperature", low=0.0, low_open=True)
+        check_float(temperature, "temperature")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, 1
         self.temperature = float(temperature)
-        self.gate = _new_gate(d_model, num_experts)
+        self.gate = new_gate(d_model, num_experts)
 
     def _gumbel_noise(self, logits_TE: Tensor) -> Tensor:
         """Standard Gumbel samples shaped like ``logits_TE`` (-log of Exp(1))."""
         return -torch.empty_like(logits_TE).exponential_().log()
 
     def forward(self, x: Tensor, *, token_ids_T: Tensor | None = None) -> Routing:
-        logits_TE = _logits(self.gate, _tokens(x, self.d_model, "GumbelRouter"))
+        logits_TE = gate_logits(self.gate, flatten_tokens(x, self.d_model, "GumbelRouter"))
         probs_TE = logits_TE.softmax(-1)
         if not self.training:
             index_T1 = logits_TE.argmax(-1, keepdim=True)
@@ -155,26 +136,28 @@ class TopKRouter(nn.Module):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
         self.normalize, self.renormalize = normalize, renormalize
-        self.gate = _new_gate(d_model, num_experts)
+        self.gate = new_gate(d_model, num_experts)
         self.noise = nn.Linear(d_model, num_experts, bias=False) if noisy else None
         if self.noise is not None:
             nn.init.zeros_(self.noise.weight)
 
     def forward(self, x: Tensor, *, token_ids_T: Tensor | None = None) -> Routing:
-        x_TD = _tokens(x, self.d_model, "TopKRouter")
-        logits_TE = _logits(self.gate, x_TD)
+        x_TD = flatten_tokens(x, self.d_model, "TopKRouter")
+        logits_TE = gate_logits(self.gate, x_TD)
+        probs_TE = logits_TE.softmax(-1)
+        noisy = self.noise is not None and self.training
         h_TE = logits_TE
-        if self.noise is not None and self.training:
-            noise_std_TE = F.softplus(_logits(self.noise, x_TD))
+        if noisy:
+            noise_std_TE = F.softplus(gate_logits(self.noise, x_TD))
             h_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
         top_h_TK, index_TK = h_TE.topk(self.top_k, dim=-1, sorted=True)
         if self.normalize == "topk_then_softmax":
             weight_TK = top_h_TK.softmax(-1)
-        else:
-            weight_TK = h_TE.softmax(-1).gather(1, index_TK)
+        else:  # softmax over all E of the gating logits: the clean probs_TE unless noisy
+            weight_TK = (h_TE.softmax(-1) if noisy else probs_TE).gather(1, index_TK)
             if self.renormalize:
                 weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True)
-        return Routing(logits_TE.softmax(-1), logits_TE, index_TK, weight_TK)
+        return Routing(probs_TE, logits_TE, index_TK, weight_TK)
 
 
 class SwitchRouter(nn.Module):
@@ -188,16 +171,16 @@ class SwitchRouter(nn.Module):
         super().__init__()
         check_positive_int(d_model, "d_model")
         check_positive_int(num_experts, "num_experts")
-        _check_float(jitter, "jitter", low=0.0, low_open=False, high=1.0)
+        check_float(jitter, "jitter", low_open=False, high=1.0)
         self.d_model, self.num_experts, self.top_k = d_model, num_experts, 1
         self.jitter = float(jitter)
-        self.gate = _new_gate(d_model, num_experts)
+        self.gate = new_gate(d_model, num_experts)
 
     def forward(self, x: Tensor, *, token_ids_T: Tensor | None = None) -> Routing:
-        x_TD = _tokens(x, self.d_model, "SwitchRouter").float()
+        x_TD = flatten_tokens(x, self.d_model, "SwitchRouter").float()
         if self.training and self.jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits_TE = _logits(self.gate, x_TD)
+        logits_TE = gate_logits(self.gate, x_TD)
         probs_TE = logits_TE.softmax(-1)
         weight_T1, index_T1 = probs_TE.max(-1, keepdim=True)
         return Routing(
@@ -243,14 +226,14 @@ class HierarchicalRouter(nn.Module):
         self.num_groups, self.experts_per_group = num_groups, per_group
         self.top_k_groups, self.top_k_experts = top_k_groups, top_k_experts
         self.top_k = top_k_groups * top_k_experts
-        self.group_gate = _new_gate(d_model, num_groups)
-        self.expert_gate = _new_gate(d_model, num_experts)
+        self.group_gate = new_gate(d_model, num_groups)
+        self.expert_gate = new_gate(d_model, num_experts)
 
     def forward(self, x: Tensor, *, token_ids_T: Tensor | None = None) -> Routing:
-        x_TD = _tokens(x, self.d_model, "HierarchicalRouter")
+        x_TD = flatten_tokens(x, self.d_model, "HierarchicalRouter")
         G, M = self.num_groups, self.experts_per_group
-        group_logits_TG = _logits(self.group_gate, x_TD)
-        expert_logits_TGM = _logits(self.expert_gate, x_TD).view(-1, G, M)
+        group_logits_TG = gate_logits(self.group_gate, x_TD)
+        expert_logits_TGM = gate_logits(self.expert_gate, x_TD).view(-1, G, M)
         T = x_TD.shape[0]
         p_group_TG = group_logits_TG.softmax(-1)
         p_expert_TGM = expert_logits_TGM.softmax(-1)
@@ -296,7 +279,7 @@ class HashRouter(nn.Module):
         self.register_buffer("table_V", table_V)
 
     def forward(self, x: Tensor, *, token_ids_T: Tensor | None = None) -> Routing:
-        x_TD = _tokens(x, self.d_model, "HashRouter")
+        x_TD = flatten_tokens(x, self.d_model, "HashRouter")
         T = x_TD.shape[0]
         if token_ids_T is None:
             raise ValueError(

@@ -1,4 +1,5 @@
-"""The `Routing` record every router returns, and the input checks routers and layers share.
+"""The `Routing` record every router returns, the input checks routers and layers share, and the
+router gate conventions (`new_gate`, `gate_logits`) every router uses.
 
 Shape legend used across moe_core: B batch, N sequence length, T tokens (all leading dims of the
 input flattened), D model width, H expert hidden width, E experts, K experts per token (top-k),
@@ -19,10 +20,15 @@ any second choice: capacity dropping then drops second choices first (GShard's p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GATE_INIT_STD = 0.02
+"""Std of the normal gate init of every router (`new_gate`): small, but no tied logits."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,24 @@ def check_features(x: Tensor, d_model: int, *, name: str = "x", where: str = "in
         )
 
 
+def flatten_tokens(x: Tensor, d_model: int, where: str) -> Tensor:
+    """Check ``x`` is a float tensor ``(..., d_model)`` (`check_features`) and flatten it to ``x_TD``."""
+    check_features(x, d_model, where=where)
+    return x.reshape(-1, d_model)
+
+
+def new_gate(d_model: int, n_out: int) -> nn.Linear:
+    """A router gate ``x W`` (no bias), normal init with std `GATE_INIT_STD`."""
+    gate = nn.Linear(d_model, n_out, bias=False)
+    nn.init.normal_(gate.weight, std=GATE_INIT_STD)
+    return gate
+
+
+def gate_logits(gate: nn.Linear, x_TD: Tensor) -> Tensor:
+    """Gate logits in float32 whatever the input and gate dtypes (both cast), ``(T, n_out)``."""
+    return F.linear(x_TD.float(), gate.weight.float())
+
+
 def describe_tensor(value: object) -> str:
     """``"torch.int64 (4, 2)"`` for a tensor (dtype and shape), else the type name: the "got" part
     of an input-check error message."""
@@ -162,3 +186,23 @@ def check_positive_int(value: int, name: str, *, minimum: int = 1, maximum: int 
     if value < minimum or (maximum is not None and value > maximum):
         allowed = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be {allowed}, got {value}")
+
+
+def check_float(
+    value: float,
+    name: str,
+    *,
+    low: float = 0.0,
+    low_open: bool = True,
+    high: float | None = None,
+    hint: str = "",
+) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is a finite real number ``> low``
+    (``>= low`` with ``low_open=False``) and, given ``high``, ``< high``. ``hint`` is appended to
+    the requirement in the message (e.g. ``", or None for dropless"``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (high is None or value < high)
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        allowed = bound if high is None else f"{bound} and < {high:g}"
+        raise ValueError(f"{name} must be a finite number {allowed}{hint}, got {value!r}")

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from moe_core import dispatch, expert_layouts
-from moe_core.activations import apply_activation
 from moe_core.dispatch import (
     dispatch_combine,
     expert_capacity,
@@ -21,6 +20,16 @@ from moe_core.expert_layouts import tier_plan
 from moe_core.experts import ExpertBank, ModuleExperts
 from moe_core.layer import MoE
 from moe_core.routers import TopKRouter
+
+
+def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activations by their formulas (exact gelu; swiglu = silu(u) * v on the two halves)."""
+    if activation == "relu":
+        return torch.clamp(h, min=0)
+    if activation == "gelu":
+        return 0.5 * h * (1 + torch.erf(h / 2**0.5))
+    u, v = h.chunk(2, dim=-1)
+    return u * torch.sigmoid(u) * v
 
 
 def _loop_sort(expert_S: list[int], num_experts: int, capacity: int | None):
@@ -57,7 +66,7 @@ def test_expert_capacity() -> None:
 
 def _ffn(w_in, w_out, b_in, b_out, e, x, activation):
     h = x @ w_in[e] + (0 if b_in is None else b_in[e])
-    return apply_activation(h, activation) @ w_out[e] + (0 if b_out is None else b_out[e])
+    return _act(h, activation) @ w_out[e] + (0 if b_out is None else b_out[e])
 
 
 def _reference(x_TD, token_S, expert_S, weight_S, keep_S, params, activation):
@@ -145,11 +154,43 @@ def test_generic_dispatch_for_module_experts(capacity: int | None, top_k: int | 
     assert int(result.kept_S.sum()) == sum(counts)
 
 
-def test_padding_waste_falls_back_and_empty_inputs() -> None:
+def _record_kernels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Patch the dispatch so that every fused call appends its kernel: "loop" or the layout."""
+    used: list[str] = []
+    loop, fused = dispatch.expert_loop_ffn_combine, dispatch._ExpertFFNCombine.apply
+    monkeypatch.setattr(dispatch, "expert_loop_ffn_combine",
+                        lambda *a: used.append("loop") or loop(*a))
+    monkeypatch.setattr(dispatch._ExpertFFNCombine, "apply",
+                        lambda *a: used.append(type(a[6]).__name__) or fused(*a))
+    return used
+
+
+def test_auto_pads_within_pad_limit_else_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where grouped GEMM is unsupported (bf16 rows of 12 bytes, not 16-byte aligned), ``auto``
+    pads only while the padded rows stay within PAD_LIMIT x the real rows."""
+    used = _record_kernels(monkeypatch)
+    torch.manual_seed(2)
+    bank = ExpertBank(8, 6, 16).to(torch.bfloat16)
+    x = torch.randn(32, 6, dtype=torch.bfloat16)
+    even = torch.arange(32) % 8  # 4 rows per expert: no padding at all
+    skewed = torch.full((32,), 3)  # one expert: padding to 32 rows would be 8x the real rows
+    for expert_S in (even, skewed):
+        weight_S = torch.rand(32)
+        got = dispatch_combine(x, torch.arange(32), expert_S, weight_S, bank).output
+        want = torch.stack([
+            weight_S[t] * (torch.nn.functional.gelu(x[t].float() @ bank.w_in[e].float())
+                           @ bank.w_out[e].float())
+            for t, e in enumerate(expert_S.tolist())
+        ])
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+    assert used == ["_Padded", "loop"]
+
+
+def test_padding_waste_and_empty_inputs() -> None:
     torch.manual_seed(2)
     bank = ExpertBank(8, 8, 16)
     x = torch.randn(30, 8, requires_grad=True)
-    # every slot to expert 3: padding to the largest count would be 8x the rows, auto avoids it
+    # every slot to expert 3: the other experts' blocks are empty
     token_S, expert_S, weight_S = torch.arange(30), torch.full((30,), 3), torch.rand(30)
     out = dispatch_combine(x, token_S, expert_S, weight_S, bank).output
     ref = weight_S[:, None] * (torch.nn.functional.gelu(x @ bank.w_in[3]) @ bank.w_out[3])
@@ -224,12 +265,7 @@ def test_auto_on_cpu_loops_over_uneven_blocks_and_batches_expert_choice(
 ) -> None:
     """Token choice (uneven blocks) takes the per-expert kernel; expert choice (every expert the
     same C rows) takes one batched ``bmm`` per matrix, with no Python loop over the experts."""
-    used: list[str] = []
-    loop, fused = dispatch.expert_loop_ffn_combine, dispatch._ExpertFFNCombine.apply
-    monkeypatch.setattr(dispatch, "expert_loop_ffn_combine",
-                        lambda *a: used.append("loop") or loop(*a))
-    monkeypatch.setattr(dispatch._ExpertFFNCombine, "apply",
-                        lambda *a: used.append(type(a[6]).__name__) or fused(*a))
+    used = _record_kernels(monkeypatch)
     torch.manual_seed(4)
     x = torch.randn(64, 16)
     MoE(TopKRouter(16, 8, top_k=2), ExpertBank(8, 16, 32))(x).output.sum().backward()

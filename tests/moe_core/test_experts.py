@@ -32,11 +32,12 @@ def _bank_expert(bank: ExpertBank, e: int, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def _grads(
-    out: torch.Tensor, inputs: list[torch.Tensor], seed: int = 0
-) -> tuple[torch.Tensor, ...]:
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    return torch.autograd.grad(out, inputs, g)
+def _assert_same_grads(out: torch.Tensor, ref: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+    """Assert ``out`` and ``ref`` have the same gradients wrt ``inputs`` (same random output grad)."""
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
+    got, want = torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def _reference_grouped(expert_fn, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -77,8 +78,7 @@ def test_expert_bank_forward_matches_loop(
     torch.testing.assert_close(y, ref)
     assert torch.count_nonzero(y[10:]) == 0
     params = [x, *bank.parameters()]
-    for got, want in zip(_grads(y, params), _grads(ref, params), strict=True):
-        torch.testing.assert_close(got, want)
+    _assert_same_grads(y, ref, params)
 
 
 @pytest.mark.parametrize("method", ["auto", "padded", "bucketed", "grouped", "loop"])
@@ -108,16 +108,14 @@ def test_expert_bank_dense_and_batched(activation: str) -> None:
     assert dense.shape == (5, 3, 8)
     torch.testing.assert_close(dense, ref)
     params = [x, *bank.parameters()]
-    for a, b in zip(_grads(dense, params), _grads(ref, params), strict=True):
-        torch.testing.assert_close(a, b)
+    _assert_same_grads(dense, ref, params)
 
     xb = torch.randn(3, 4, 8, requires_grad=True)
     batched = bank.forward_batched(xb)
     ref_b = torch.stack([_bank_expert(bank, e, xb[e]) for e in range(3)])
     torch.testing.assert_close(batched, ref_b)
     params = [xb, *bank.parameters()]
-    for a, b in zip(_grads(batched, params), _grads(ref_b, params), strict=True):
-        torch.testing.assert_close(a, b)
+    _assert_same_grads(batched, ref_b, params)
 
 
 def test_expert_bank_init_and_shapes() -> None:
@@ -145,8 +143,7 @@ def test_module_experts_heterogeneous() -> None:
     ref = _reference_grouped(lambda e, r: modules[e](r), x, counts)
     torch.testing.assert_close(y, ref)
     params = [x, *experts.parameters()]
-    for a, b in zip(_grads(y, params), _grads(ref, params), strict=True):
-        torch.testing.assert_close(a, b)
+    _assert_same_grads(y, ref, params)
 
     dense = experts.forward_dense(x)
     torch.testing.assert_close(dense, torch.stack([m(x) for m in modules], dim=1))
@@ -183,8 +180,7 @@ def test_conv_experts_match_per_expert_conv(norm_groups: int) -> None:
     assert y.shape == (6, 4, 5, 5)
     torch.testing.assert_close(y, ref)
     params = [x, *conv.parameters()]
-    for a, b in zip(_grads(y, params), _grads(ref, params), strict=True):
-        torch.testing.assert_close(a, b)
+    _assert_same_grads(y, ref, params)
 
     dense = conv.forward_dense(x)
     torch.testing.assert_close(
@@ -195,8 +191,7 @@ def test_conv_experts_match_per_expert_conv(norm_groups: int) -> None:
     ref_b = torch.stack([_conv_expert(conv, e, xb[e]) for e in range(3)])
     torch.testing.assert_close(batched, ref_b)
     params = [xb, *conv.parameters()]
-    for a, b in zip(_grads(batched, params), _grads(ref_b, params), strict=True):
-        torch.testing.assert_close(a, b)
+    _assert_same_grads(batched, ref_b, params)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu"])

@@ -214,6 +214,17 @@ def test_cgc_level_alone() -> None:
     torch.testing.assert_close(out.task_outputs[1], g[:, :1] * e1 + g[:, 1:] * e2)
 
 
+@pytest.mark.parametrize("kind", ["mmoe", "ple"])
+def test_empty_batch_keeps_the_output_widths(kind: str) -> None:
+    torch.manual_seed(7)
+    model = MMoE.from_sizes(4, 3, 5, 2) if kind == "mmoe" else PLE(4, 3, num_tasks=2)
+    out = model(torch.randn(2, 0, 4))
+    gate_width = 5 if kind == "mmoe" else 4  # PLE: 2 task experts + 2 shared
+    assert [o.shape for o in out.task_outputs] == [(2, 0, 3)] * 2
+    assert [g.shape for g in out.gate_weights] == [(2, 0, gate_width)] * 2
+    assert out.aux_losses["importance"].item() == 0.0
+
+
 def test_bad_configs_raise_value_error() -> None:
     with pytest.raises(ValueError, match="num_levels"):
         PLE(4, 3, 2, num_levels=0)

@@ -248,9 +248,10 @@ def test_topk_router_matches_per_token_loop(top_k: int, normalize: str, renormal
     torch.testing.assert_close(routing.probs_TE, logits.softmax(-1).float())
 
 
-def test_noisy_topk_uses_softplus_noise_in_training_only() -> None:
+@pytest.mark.parametrize("normalize", ["topk_then_softmax", "softmax_then_topk"])
+def test_noisy_topk_uses_softplus_noise_in_training_only(normalize: str) -> None:
     torch.manual_seed(2)
-    router = TopKRouter(D, E, top_k=2, noisy=True, normalize="topk_then_softmax").train()
+    router = TopKRouter(D, E, top_k=2, noisy=True, normalize=normalize, renormalize=False).train()
     torch.nn.init.normal_(router.noise.weight, std=0.5)
     x = torch.randn(20, D)
     torch.manual_seed(5)
@@ -261,7 +262,12 @@ def test_noisy_topk_uses_softplus_noise_in_training_only() -> None:
     h = clean + noise * F.softplus(ref_logits(x, router.noise.weight))
     top_h, top_i = h.topk(2, dim=-1)
     assert routing.expert_indices_TK.tolist() == top_i.tolist()
-    torch.testing.assert_close(routing.combine_weights_TK, top_h.softmax(-1).float())
+    if normalize == "topk_then_softmax":
+        want = top_h.softmax(-1)
+    else:  # the noisy logits' softmax over all E, not the clean probs
+        want = h.softmax(-1).gather(1, top_i)
+        assert not torch.allclose(want, clean.softmax(-1).gather(1, top_i))
+    torch.testing.assert_close(routing.combine_weights_TK, want.float())
     torch.testing.assert_close(routing.probs_TE, clean.softmax(-1).float())  # clean probs
     assert not torch.equal(top_i, clean.topk(2, dim=-1).indices)  # the noise did change picks
 

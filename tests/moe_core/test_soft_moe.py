@@ -124,9 +124,13 @@ def test_weights_are_normalized_and_stats() -> None:
     x = torch.randn(2, 5, 4)
     logits = layer.logits(x)
     assert logits.shape == (2, 5, 6)
-    torch.testing.assert_close(logits.softmax(dim=1).sum(dim=1), torch.ones(2, 6))  # dispatch
+    torch.testing.assert_close(logits, torch.einsum("bnd,dm->bnm", x, layer.phi.detach()))
     out = layer(x)
-    torch.testing.assert_close(out.routing.probs_TE.sum(-1), torch.ones(10))  # combine per token
+    # the routing: per token, its combine weights summed over each expert's slots (e * S + s)
+    combine = logits.detach().softmax(-1).reshape(10, 6)
+    by_expert = torch.stack([combine[:, 2 * e] + combine[:, 2 * e + 1] for e in range(3)], dim=1)
+    torch.testing.assert_close(out.routing.probs_TE, by_expert)
+    torch.testing.assert_close(out.routing.probs_TE.sum(-1), torch.ones(10))
     assert out.stats.tokens_per_expert_E.tolist() == [10, 10, 10]
     assert 0 < out.stats.entropy <= math.log(3) + 1e-6
     assert layer.last_aux_losses == {} and layer.last_stats is out.stats
