@@ -7,16 +7,25 @@ configs and plots. Standard library only, so the data layer and `--help` stay li
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temp(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """A new, empty file `<prefix><random><suffix>` in `folder`, opened for writing.
+
+    Created with mode 0o666 so the kernel applies the umask, as for any new file (`mkstemp` makes
+    0600, and reading the umask with `os.umask` would briefly change it for every thread).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], *, suffix: str = ".tmp") -> None:
@@ -26,15 +35,13 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], *, suffi
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    fd, tmp = _create_temp(path.parent, f".{path.name}.", suffix)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise

@@ -25,6 +25,7 @@ import numpy as np
 
 from moe_apps.datasets.errors import DatasetError
 from moe_apps.datasets.files import require_files
+from moe_apps.datasets.paths import resolve_data_root
 from moe_apps.datasets.registry import (
     CIFAR10_BATCHES,
     CIFAR10_FOLDER,
@@ -97,16 +98,13 @@ def load_cifar10(root: str | Path | None = None) -> Cifar10Data:
     """Load CIFAR-10 from the data root (extracted folder if complete, else the tar.gz)."""
     import torch
 
-    from moe_apps.datasets.paths import resolve_data_root
-
     data_root = resolve_data_root(root)
     found = require_files(get_spec("cifar10"), data_root)
     if found == (CIFAR10_TARBALL,):
         members = read_tar_members(data_root / CIFAR10_TARBALL)
     else:
         folder = data_root / CIFAR10_FOLDER
-        members = {name: (folder / name).read_bytes() for name in CIFAR10_MEMBERS}
-        members = {f"{folder / name}": raw for name, raw in members.items()}
+        members = {str(folder / name): (folder / name).read_bytes() for name in CIFAR10_MEMBERS}
     arrays = parse_members(members)
     return Cifar10Data(
         train_images=torch.from_numpy(arrays["train_images"]),

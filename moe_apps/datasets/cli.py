@@ -24,6 +24,13 @@ def _spec(name: str):
     return DATASETS[name]
 
 
+def _names(name: str) -> list[str]:
+    """Every dataset for 'all', else just `name` (checked)."""
+    from moe_apps.datasets.registry import DATASETS
+
+    return list(DATASETS) if name == "all" else [_spec(name).name]
+
+
 @app.command("list")
 def list_datasets(data_dir: str = DATA_DIR) -> None:
     """Every known dataset and whether it is found under the data root."""
@@ -92,12 +99,10 @@ def download(name: str = typer.Argument(..., help="Dataset name, or 'all'."),
 
     from moe_apps.datasets.download import download_dataset
     from moe_apps.datasets.errors import DatasetError
-    from moe_apps.datasets.registry import DATASETS
 
     console = Console(width=160)
-    names = list(DATASETS) if name == "all" else [_spec(name).name]
     failed = False
-    for dataset in names:
+    for dataset in _names(name):
         try:
             report = download_dataset(dataset, data_dir, force=force, progress=True)
         except DatasetError as error:
@@ -119,11 +124,8 @@ def verify(name: str = typer.Argument(..., help="Dataset name, or 'all'."),
     """Check that a dataset is complete and valid: files, checksums, loading, sizes."""
     from rich.console import Console
 
-    from moe_apps.datasets.registry import DATASETS
-
     console = Console(width=160)
-    names = list(DATASETS) if name == "all" else [_spec(name).name]
-    results = [_print_verify(console, dataset, data_dir) for dataset in names]
+    results = [_print_verify(console, dataset, data_dir) for dataset in _names(name)]
     if not all(results):
         raise typer.Exit(1)
 

@@ -1,6 +1,6 @@
 """Safe downloads: temp file in the target folder, checksum, then `os.replace` (never half a file).
 
-`download_file` streams one URL to `<target>.<random>.part` next to the target while hashing it,
+`download_file` streams one URL to `.<name>.<random>.part` next to the target while hashing it,
 checks the sha256 / md5 when known, and only then renames it into place; on any failure the part
 file is removed. `download_dataset` fetches every `Download` of a `DatasetSpec`; zips are unpacked
 into a temporary folder, their files checked against the registry's sha256 values, and the
@@ -76,7 +76,8 @@ def download_file(
     left at `target`). An HTTP error keeps its status in `error.status`.
     """
     target = Path(target)
-    hashers = {name: hashlib.new(name) for name, want in (("sha256", sha256), ("md5", md5)) if want}
+    wanted = {name: want.lower() for name, want in (("sha256", sha256), ("md5", md5)) if want}
+    hashers = {name: hashlib.new(name) for name in wanted}
 
     def fetch(out) -> None:
         try:
@@ -106,8 +107,8 @@ def download_file(
             if total and received != int(total):
                 raise _offline(dataset, url, f"connection lost after {received} of {total} "
                                "bytes", target, manual_hint)
-        for name, want in (("sha256", sha256), ("md5", md5)):
-            if want and hashers[name].hexdigest() != want.lower():
+        for name, want in wanted.items():
+            if hashers[name].hexdigest() != want:
                 raise DownloadError(
                     f"{name} of the download from {url} is {hashers[name].hexdigest()}, expected "
                     f"{want}; nothing was written (a changed or damaged file: try again, or "
@@ -168,9 +169,14 @@ def _in_place(spec: DatasetSpec, root: Path, item: Download) -> bool:
     """Whether what `item` would produce is already there (a file, or a complete folder)."""
     if item.extract_to is None:
         return (root / item.target).is_file()
-    prefix = item.extract_to + "/"
-    needed = [name for name in spec.file_sets[0] if name.startswith(prefix)]
-    return all((root / name).is_file() for name in needed)
+    folder = root / item.extract_to
+    return all((folder / name).is_file() for name in _unpacked_files(spec, item))
+
+
+def _unpacked_files(spec: DatasetSpec, item: Download) -> list[str]:
+    """The required files of `spec` that the zip `item` unpacks, relative to `item.extract_to`."""
+    prefix = f"{item.extract_to}/"
+    return [name[len(prefix):] for name in spec.file_sets[0] if name.startswith(prefix)]
 
 
 def _download_zip(spec: DatasetSpec, item: Download, root: Path, progress: bool) -> None:
@@ -188,10 +194,11 @@ def _download_zip(spec: DatasetSpec, item: Download, root: Path, progress: bool)
                 zipped.extractall(staging)
         except (zipfile.BadZipFile, EOFError) as error:
             raise DatasetError(f"truncated or corrupt zip ({error})", path=archive) from error
-        unpacked = staging / (item.extract_member or target.name)
+        member = item.extract_member or target.name
+        unpacked = staging / member
         if not unpacked.is_dir():
-            raise DatasetError(f"zip has no folder {item.extract_member!r}", path=archive)
-        _check_unpacked(spec, root, item, unpacked, archive)
+            raise DatasetError(f"zip has no folder {member!r}", path=archive)
+        _check_unpacked(spec, item, unpacked, archive)
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
@@ -204,14 +211,13 @@ def _download_zip(spec: DatasetSpec, item: Download, root: Path, progress: bool)
         archive.unlink(missing_ok=True)
 
 
-def _check_unpacked(spec: DatasetSpec, root: Path, item: Download, unpacked: Path,
-                    archive: Path) -> None:
+def _check_unpacked(spec: DatasetSpec, item: Download, unpacked: Path, archive: Path) -> None:
     """The unpacked folder has every file of the spec and the registry's sha256 values."""
-    prefix = f"{item.extract_to}/"
-    needed = [name[len(prefix):] for name in spec.file_sets[0] if name.startswith(prefix)]
-    missing = [name for name in needed if not (unpacked / name).is_file()]
+    missing = [name for name in _unpacked_files(spec, item) if not (unpacked / name).is_file()]
     if missing:
-        raise DatasetError(f"zip lacks {item.extract_member}/{', '.join(missing)}", path=archive)
+        raise DatasetError("zip lacks " + ", ".join(f"{unpacked.name}/{name}" for name in missing),
+                           path=archive)
+    prefix = f"{item.extract_to}/"
     for name, want in spec.sha256.items():
         if name.startswith(prefix):
             got = file_digest(unpacked / name[len(prefix):])

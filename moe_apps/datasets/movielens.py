@@ -26,6 +26,7 @@ import numpy as np
 
 from moe_apps.datasets.errors import DatasetError
 from moe_apps.datasets.files import map_ids, parse_int_table, read_lines, require_files
+from moe_apps.datasets.paths import resolve_data_root
 from moe_apps.datasets.registry import ML100K_FOLDS, get_spec
 
 _YEAR_IN_TITLE = re.compile(r"\((\d{4})\)\s*$")
@@ -114,8 +115,6 @@ def load_movielens(name: str = "movielens-100k", root: str | Path | None = None)
     Raises `MissingDataError` (with the folder to put the files in) when files are missing and
     `DatasetError` (with file and line) when a file is malformed.
     """
-    from moe_apps.datasets.paths import resolve_data_root
-
     if name not in ("movielens-100k", "movielens-1m"):
         raise ValueError(f"name must be 'movielens-100k' or 'movielens-1m', got {name!r}")
     spec = get_spec(name)
@@ -221,9 +220,10 @@ def _read_100k_users(path: Path, occupation_names: list[str]) -> Users:
         age.append(int(years))
         occupation.append(occupation_index[job])
         zip_code.append(code)
-    order = _sorted_unique_order(np.array(raw_id, dtype=np.int64), path, "user id")
+    ids = np.array(raw_id, dtype=np.int64)
+    order = _sorted_unique_order(ids, path, "user id")
     return Users(
-        raw_id=np.array(raw_id, dtype=np.int64)[order],
+        raw_id=ids[order],
         gender=np.array(gender, dtype=np.int64)[order],
         age=np.array(age, dtype=np.int64)[order],
         occupation=np.array(occupation, dtype=np.int64)[order],
@@ -257,8 +257,11 @@ def _read_100k_items(path: Path, genre_names: list[str]) -> Items:
 def _release_year(date: str, title: str) -> int:
     """Year of a release date like '01-Jan-1995', else the '(1995)' of the title, else 0."""
     tail = date.strip()[-4:]
-    if tail.isdigit():
-        return int(tail)
+    return int(tail) if tail.isdigit() else _title_year(title)
+
+
+def _title_year(title: str) -> int:
+    """The year of a title ending in '(1995)', else 0."""
     match = _YEAR_IN_TITLE.search(title)
     return int(match.group(1)) if match else 0
 
@@ -271,10 +274,10 @@ def _check_info(path: Path, num_users: int, num_items: int, num_ratings: int) ->
             raise DatasetError(f"expected '<count> users|items|ratings', got {line!r}", path=path,
                                line=number)
         found[fields[1]] = int(fields[0])
-    actual = {"users": num_users, "items": num_items, "ratings": num_ratings}
-    for key, value in actual.items():
+    actual = {"users": (num_users, "u.user"), "items": (num_items, "u.item"),
+              "ratings": (num_ratings, "u.data")}
+    for key, (value, source) in actual.items():
         if found.get(key) != value:
-            source = {"users": "u.user", "items": "u.item", "ratings": "u.data"}[key]
             raise DatasetError(
                 f"says {found.get(key)} {key} but {source} has {value} lines (truncated or "
                 f"edited file?)", path=path)
@@ -295,9 +298,10 @@ def _items_by_id(path: Path, raw_id: list[int], title: list[str], year: list[int
                  genres: list[list[bool]], genre_names: Sequence[str]) -> Items:
     """`Items` from per-line lists of a movies file, sorted by movie id (a repeated id names its
     line)."""
-    order = _sorted_unique_order(np.array(raw_id, dtype=np.int64), path, "movie id")
+    ids = np.array(raw_id, dtype=np.int64)
+    order = _sorted_unique_order(ids, path, "movie id")
     return Items(
-        raw_id=np.array(raw_id, dtype=np.int64)[order],
+        raw_id=ids[order],
         title=[title[i] for i in order],
         year=np.array(year, dtype=np.int64)[order],
         genres=np.array(genres, dtype=bool).reshape(len(raw_id), len(genre_names))[order],
@@ -353,9 +357,8 @@ def _read_1m_movies(path: Path) -> Items:
                 raise DatasetError(f"unknown genre {genre!r}; known: {', '.join(ML1M_GENRES)}",
                                    path=path, line=number)
             flags[genre_index[genre]] = True
-        match = _YEAR_IN_TITLE.search(name)
         raw_id.append(int(head))
         title.append(name)
-        year.append(int(match.group(1)) if match else 0)
+        year.append(_title_year(name))
         genres.append(flags)
     return _items_by_id(path, raw_id, title, year, genres, ML1M_GENRES)

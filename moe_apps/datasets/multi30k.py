@@ -19,7 +19,13 @@ from pathlib import Path
 
 from moe_apps.datasets.errors import DatasetError, MissingDataError
 from moe_apps.datasets.files import decode_lines, require_files
-from moe_apps.datasets.registry import MULTI30K_OPTIONAL_SPLITS, MULTI30K_SPLITS, get_spec
+from moe_apps.datasets.paths import resolve_data_root
+from moe_apps.datasets.registry import (
+    MULTI30K_OPTIONAL_SPLITS,
+    MULTI30K_SPLITS,
+    get_spec,
+    multi30k_files,
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ def available_splits(root: Path) -> tuple[str, ...]:
     """The required splits plus those optional test splits whose two files are both present."""
     optional = tuple(
         split for split in MULTI30K_OPTIONAL_SPLITS
-        if all((root / "multi30k" / f"{split}.{lang}.gz").is_file() for lang in ("de", "en"))
+        if all((root / name).is_file() for name in multi30k_files((split,)))
     )
     return MULTI30K_SPLITS + optional
 
@@ -80,8 +86,6 @@ def load_multi30k(
     `splits=None` loads train, val, test_2016_flickr and the test_2017 sets that are present.
     Known splits: train, val, test_2016_flickr, test_2017_flickr, test_2017_mscoco.
     """
-    from moe_apps.datasets.paths import resolve_data_root
-
     known = MULTI30K_SPLITS + MULTI30K_OPTIONAL_SPLITS
     if isinstance(splits, str):
         splits = (splits,)
@@ -95,7 +99,7 @@ def load_multi30k(
         splits = available_splits(data_root)
     else:
         for split in splits:
-            files = [f"multi30k/{split}.{lang}.gz" for lang in ("de", "en")]
+            files = multi30k_files((split,))
             missing = [name for name in files if not (data_root / name).is_file()]
             if missing:
                 urls = [d.url for d in spec.downloads if d.target in files]

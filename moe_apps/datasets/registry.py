@@ -99,6 +99,17 @@ ML100K_FILES = ("u.data", "u.info", "u.item", "u.genre", "u.user", "u.occupation
 )
 ML1M_FILES = ("ratings.dat", "users.dat", "movies.dat")
 
+
+def _grouplens_zip(name: str) -> Download:
+    """The official zip `name`.zip; its folder `name` becomes `movielens/<name>`."""
+    return Download(
+        url=f"https://files.grouplens.org/datasets/movielens/{name}.zip",
+        target=f"movielens/{name}.zip",
+        extract_to=f"movielens/{name}",
+        extract_member=name,
+    )
+
+
 _MOVIELENS_TERMS = (
     "GroupLens terms (README in the zip): research use only; do not imply endorsement by the "
     "University of Minnesota or GroupLens; acknowledge the dataset in publications; no commercial "
@@ -133,7 +144,8 @@ _MULTI30K_SHA256 = {
 }
 
 
-def _multi30k_files(splits: tuple[str, ...]) -> tuple[str, ...]:
+def multi30k_files(splits: tuple[str, ...]) -> tuple[str, ...]:
+    """The files of `splits` relative to the data root: `multi30k/<split>.<lang>.gz`."""
     return tuple(f"multi30k/{split}.{lang}.gz" for split in splits for lang in MULTI30K_LANGS)
 
 
@@ -159,14 +171,7 @@ DATASETS: dict[str, DatasetSpec] = {
         title="MovieLens 100K (943 users, 1,682 movies, 100,000 ratings 1-5, 1997-98)",
         homepage="https://grouplens.org/datasets/movielens/100k/",
         file_sets=(tuple(f"{_ML100K}/{name}" for name in ML100K_FILES),),
-        downloads=(
-            Download(
-                url="https://files.grouplens.org/datasets/movielens/ml-100k.zip",
-                target="movielens/ml-100k.zip",
-                extract_to=_ML100K,
-                extract_member="ml-100k",
-            ),
-        ),
+        downloads=(_grouplens_zip("ml-100k"),),
         license=_MOVIELENS_TERMS,
         citation=_MOVIELENS_CITATION,
         checksum_note=(
@@ -187,14 +192,7 @@ DATASETS: dict[str, DatasetSpec] = {
         title="MovieLens 1M (6,040 users, 3,883 movies, 1,000,209 ratings 1-5, 2000-03)",
         homepage="https://grouplens.org/datasets/movielens/1m/",
         file_sets=(tuple(f"movielens/ml-1m/{name}" for name in ML1M_FILES),),
-        downloads=(
-            Download(
-                url="https://files.grouplens.org/datasets/movielens/ml-1m.zip",
-                target="movielens/ml-1m.zip",
-                extract_to="movielens/ml-1m",
-                extract_member="ml-1m",
-            ),
-        ),
+        downloads=(_grouplens_zip("ml-1m"),),
         license=_MOVIELENS_TERMS,
         citation=_MOVIELENS_CITATION,
         checksum_note="no checksum recorded; checked by structure and counts.",
@@ -234,7 +232,7 @@ DATASETS: dict[str, DatasetSpec] = {
         name="multi30k",
         title="Multi30k task 1, English-German image descriptions (WMT16/17 multimodal)",
         homepage="https://github.com/multi30k/dataset",
-        file_sets=(_multi30k_files(MULTI30K_SPLITS),),
+        file_sets=(multi30k_files(MULTI30K_SPLITS),),
         downloads=_multi30k_downloads(),
         license=(
             "For non-commercial research and/or educational purposes; partly derived from "
@@ -249,7 +247,7 @@ DATASETS: dict[str, DatasetSpec] = {
             f"sha256 of the raw .gz files at multi30k/dataset commit {MULTI30K_COMMIT[:7]} "
             "(train, val, test_2016_flickr); test_2017 files: none recorded."
         ),
-        optional_files=_multi30k_files(MULTI30K_OPTIONAL_SPLITS),
+        optional_files=multi30k_files(MULTI30K_OPTIONAL_SPLITS),
         sha256={f"multi30k/{name}": digest for name, digest in _MULTI30K_SHA256.items()},
         counts={
             "train": 29_000,

@@ -33,3 +33,14 @@ def test_new_file_follows_the_umask_not_mkstemp_0600(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "a.bin"
     assert path.read_bytes() == b"x"
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_does_not_touch_the_process_umask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # os.umask(0) to read the mask would, for a moment, give every other thread's new files 0666.
+    def no_umask(mask: int) -> int:
+        raise AssertionError("atomic_write changed the process umask")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    atomic_write(tmp_path / "a.bin", lambda f: f.write(b"x"))
+    assert (tmp_path / "a.bin").read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]

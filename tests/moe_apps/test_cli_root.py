@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from moe_apps import __version__
@@ -27,13 +28,20 @@ def test_info_reports_versions_device_and_data(tmp_path) -> None:
         assert needle in result.output, f"{needle!r} missing from:\n{result.output}"
 
 
-def test_help_does_not_import_torch() -> None:
+@pytest.mark.parametrize("args", [["--help"], ["data", "download", "--help"]])
+def test_help_does_not_import_torch(args: list[str]) -> None:
     code = (
-        "import sys; from moe_apps.cli import app; "
-        "heavy = [m for m in ('torch', 'torchrec', 'torchvision', 'matplotlib', 'sklearn') if m in sys.modules]; "
-        "assert not heavy, heavy"
+        "import sys\n"
+        "from moe_apps.cli import app\n"
+        f"try: app({args!r})\n"
+        "except SystemExit as exit: assert exit.code == 0, exit.code\n"
+        "heavy = [m for m in ('torch', 'torchrec', 'torchvision', 'matplotlib', 'sklearn', 'numpy',"
+        " 'urllib.request') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
 
 
 def test_unknown_command_fails() -> None:

@@ -67,6 +67,20 @@ def test_download_offline_is_one_clear_message(tmp_path: Path,
 def test_root_info_lists_datasets(ml100k_root: Path) -> None:
     code, out = _run("info", "--data-dir", str(ml100k_root))
     assert code == 0 and "movielens-100k" in out and "complete" in out
+    assert f"{ml100k_root} (--data-dir)" in out
+
+
+def test_data_root_from_environment_and_flag(ml100k_root: Path, tmp_path_factory) -> None:
+    empty = tmp_path_factory.mktemp("empty")
+    env = {"COLUMNS": "200", "MOE_APPS_DATA": str(ml100k_root)}
+    listed = runner.invoke(app, ["data", "list"], env=env)  # no flag: $MOE_APPS_DATA
+    assert listed.exit_code == 0 and str(ml100k_root) in listed.output
+    assert "complete" in listed.output
+    info = runner.invoke(app, ["info"], env=env)
+    assert info.exit_code == 0 and f"{ml100k_root} ($MOE_APPS_DATA)" in info.output
+    flagged = runner.invoke(app, ["data", "list", "--data-dir", str(empty)], env=env)  # flag wins
+    assert flagged.exit_code == 0 and str(empty) in flagged.output
+    assert "complete" not in flagged.output
 
 
 @pytest.mark.shared_data

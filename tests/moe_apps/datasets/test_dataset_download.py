@@ -185,8 +185,10 @@ def test_complete_dataset_is_not_fetched_again(tmp_path: Path) -> None:
     assert report.fetched == [] and report.present == ["movielens/ml-100k"]
 
 
-def _ml100k_zip(served: Path, tmp_path: Path) -> None:
+def _ml100k_zip(served: Path, tmp_path: Path, drop: tuple[str, ...] = ()) -> None:
     source = write_ml100k(tmp_path / "zip-source")
+    for name in drop:
+        (source / name).unlink()
     shutil.make_archive(str(served / "ml-100k"), "zip", root_dir=source.parent, base_dir="ml-100k")
 
 
@@ -228,3 +230,18 @@ def test_truncated_zip(server: tuple[str, Path], tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"ml-100k\.zip: truncated or corrupt zip"):
         download_dataset(spec, tmp_path / "data", progress=False)
     assert list((tmp_path / "data" / "movielens").iterdir()) == []
+
+
+def test_zip_lacking_a_file_names_it_and_leaves_nothing(server: tuple[str, Path],
+                                                        tmp_path: Path) -> None:
+    base, served = server
+    _ml100k_zip(served, tmp_path, drop=("u3.test", "ub.base"))
+    spec = dataclasses.replace(
+        DATASETS["movielens-100k"], sha256={},
+        downloads=(dataclasses.replace(DATASETS["movielens-100k"].downloads[0],
+                                       url=f"{base}/ml-100k.zip"),))
+    root = tmp_path / "data"
+    with pytest.raises(DatasetError, match=r"ml-100k\.zip: zip lacks ml-100k/u3\.test, "
+                                           r"ml-100k/ub\.base$"):
+        download_dataset(spec, root, progress=False)
+    assert list((root / "movielens").iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
@@ -88,3 +89,14 @@ def test_verify_shared_data(shared_data: Path, name: str) -> None:
     report = verify_dataset(name, shared_data)
     assert report.ok, report.checks
     assert [c.name for c in report.checks] == ["files", "sha256", "load", "counts"]
+
+
+def test_every_exported_name_resolves() -> None:
+    import moe_apps.datasets as package
+
+    assert sorted(package.__all__) == sorted(package._WHERE)
+    for name in package.__all__:
+        module = importlib.import_module(f"moe_apps.datasets.{package._WHERE[name]}")
+        assert getattr(package, name) is getattr(module, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        package.nope  # noqa: B018
