@@ -3,7 +3,7 @@
 A thin Typer layer over `moe_apps.recsys.train`; torch, torchrec and the app modules are imported
 inside the commands so that `moe-apps --help` stays instant. Bad input (an unknown user, a folder
 that is not a recsys run, a corrupted checkpoint, an existing run folder) prints one clear error
-and exits with code 1, without writing anything.
+and exits with code 1, without writing anything; so does a run whose loss turns non-finite.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ def _fail(error: BaseException) -> None:
 
 
 def _guard(action: Callable[[], Any]) -> Any:
-    """Run ``action``; a bad-input error becomes a message and exit code 1."""
+    """Run ``action``; a bad-input (or diverged-run) error becomes a message and exit code 1."""
     try:
         return action()
-    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError,
+            FloatingPointError) as error:
         _fail(error)
 
 
@@ -59,7 +60,10 @@ def train_command(
     out: Path = typer.Option(None, "--out", help="Run folder (default runs/recsys/<model>-<split>-<seed>-<time>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     seed: int = typer.Option(None, "--seed", help="Seed of the split, validation slice and training."),
-    data_dir: str = typer.Option(None, "--data-dir", help="Data folder (default $MOE_APPS_DATA, else ~/.cache/moe-apps)."),
+    data_dir: str = typer.Option(
+        None, "--data-dir",
+        help="Data folder (default: with --resume the run's, else $MOE_APPS_DATA, else ~/.cache/moe-apps).",
+    ),
     preset: str = typer.Option("default", "--preset", help="default | ple | three-tasks | tiny | ml1m"),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),

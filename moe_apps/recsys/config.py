@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from moe_core.routing import check_positive_int
+
+if TYPE_CHECKING:
+    from moe_apps.training import TrainConfig
 
 MODELS = ("mmoe", "ple", "shared-bottom", "single")
 DATASETS = ("movielens-100k", "movielens-1m")
@@ -201,7 +204,7 @@ class RecsysConfig:
         if self.monitor not in metrics:
             raise ValueError(f"monitor must be one of {sorted(metrics)}, got {self.monitor!r}")
 
-    def train_config(self, *, progress: bool = True) -> Any:
+    def train_config(self, *, progress: bool = True) -> TrainConfig:
         """The shared loop's `TrainConfig` for this run."""
         from moe_apps.training import TrainConfig
 
@@ -216,8 +219,6 @@ class RecsysConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (config.json)."""
-        from dataclasses import asdict
-
         return asdict(self)
 
     @classmethod

@@ -128,12 +128,12 @@ class RecsysTask:
             raise ValueError(f"embedding_l2 must be >= 0, got {embedding_l2}")
         self.tasks, self.embedding_l2, self.gate_labels = tuple(tasks), embedding_l2, gate_labels
 
-    def training_loss(self, model: nn.Module, batch: RecsysBatch) -> tuple[Tensor, dict[str, float]]:
+    def training_loss(self, model: nn.Module, batch: RecsysBatch) -> tuple[Tensor, dict[str, Tensor]]:
         out = model(batch)
         losses = task_losses(self.tasks, out.logits_BT, out.predictions_BT, batch.targets_BT)
         loss = sum(spec.loss_weight * value for spec, value in zip(self.tasks, losses, strict=True))
         loss = loss + self.embedding_l2 * out.embedding_sq
-        logs = {f"{spec.name}_loss": float(v.detach()) for spec, v in zip(self.tasks, losses, strict=True)}
+        logs = {f"{spec.name}_loss": v.detach() for spec, v in zip(self.tasks, losses, strict=True)}
         return loss, logs
 
     def evaluate(self, model: nn.Module, batches: Iterable[RecsysBatch]) -> dict[str, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from moe_apps.recsys.data import (
     validation_slice,
 )
 from moe_apps.recsys.model import build_model, count_parameters, gate_labels
-from moe_apps.recsys.task import RecsysTask, gate_metrics, predict, task_metrics
+from moe_apps.recsys.task import RecsysTask
 from moe_apps.training import fit, load_checkpoint, set_seed
 
 APP = "recsys"
@@ -80,6 +80,17 @@ def _eval_batches(config: RecsysConfig, run: RunData, ratings: Ratings) -> Ratin
                          in_fit=False)
 
 
+def _task(config: RecsysConfig) -> RecsysTask:
+    return RecsysTask(config.model.tasks, config.embedding_l2, gate_labels(config.model))
+
+
+def _gate_weights(metrics: dict[str, float], config: RecsysConfig,
+                  labels: list[list[str]]) -> list[list[float]]:
+    """Per task, the mean gate weight of each of its experts, read back from ``gate_<task>_<expert>``."""
+    return [[metrics[f"gate_{t.name}_{e}"] for e in names]
+            for t, names in zip(config.model.tasks, labels, strict=True)]
+
+
 def read_run_config(run_dir: str | Path) -> tuple[RecsysConfig, dict[str, Any]]:
     """(config, raw config.json) of a recsys run; ValueError if ``run_dir`` is not one."""
     run_dir = Path(run_dir)
@@ -102,7 +113,8 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
     """Train ``config`` into ``out_dir`` (or continue it with ``resume``) and test the best epoch.
 
     A fresh run refuses a folder that already holds a run (nothing is overwritten); ``resume``
-    needs one, made with the same model config.
+    needs one with a checkpoints/last.pt, made with the same config (only epochs, patience and
+    device may change), and reads the run's data folder unless ``data_dir`` is given.
     """
     from rich.console import Console
 
@@ -115,20 +127,27 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
     if resume:
-        saved, _ = read_run_config(run_dir)
+        saved, raw = read_run_config(run_dir)
         free = {"epochs": config.epochs, "patience": config.patience, "device": config.device}
         if replace(saved, **free) != replace(config, model=replace(config.model, vocab=saved.model.vocab)):
             raise ValueError(
                 f"--resume: the options differ from the run's config.json in {run_dir} (only "
                 "--epochs and --device may change); drop the other options to continue it"
             )
+        if not (run_dir / "checkpoints" / "last.pt").is_file():
+            raise FileNotFoundError(
+                f"{run_dir} has no checkpoints/last.pt to resume from (the run stopped before its "
+                f"first epoch ended); delete {run_dir} or choose another --out to start afresh"
+            )
+        if data_dir is None:  # continue on the data the run was trained on
+            data_dir = raw.get("data_root")
     root = resolve_data_root(data_dir)
     run = prepare_data(config, root, data)
     config = with_vocab(config, run.features.vocab)
     set_seed(config.seed)  # the initial weights depend on the seed alone
     model = build_model(config.model)
     labels = gate_labels(config.model)
-    task = RecsysTask(config.model.tasks, config.embedding_l2, labels)
+    task = _task(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / "config.json", {"app": APP, "config": config.to_dict(), "data_root": str(root)})
     params = count_parameters(model)
@@ -149,9 +168,7 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
                  console=console)
     device = next(model.parameters()).device
     model.eval()
-    test = predict(model, (b.to(device) for b in _eval_batches(config, run, run.test)))
-    test_metrics = task_metrics(tasks, test.targets_BT, test.predictions_BT)
-    test_metrics.update(gate_metrics(tasks, test.gate_means, labels))
+    test_metrics = task.evaluate(model, (b.to(device) for b in _eval_batches(config, run, run.test)))
     seconds = time.perf_counter() - started
     _write_json(run_dir / "test_metrics.json", {"split": config.split, "best_epoch": result.best_epoch,
                                                 "metrics": test_metrics, "seconds": seconds})
@@ -159,9 +176,8 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
         from moe_apps.recsys.plots import plot_gates
 
         gates = {"tasks": [t.name for t in tasks], "experts": labels,
-                 "val": [[result.best_metrics[f"gate_{t.name}_{e}"] for e in names]
-                         for t, names in zip(tasks, labels, strict=True)],
-                 "test": [m.tolist() for m in test.gate_means]}
+                 "val": _gate_weights(result.best_metrics, config, labels),
+                 "test": _gate_weights(test_metrics, config, labels)}
         _write_json(run_dir / "gates.json", gates)
         plot_gates(gates, run_dir / "gates.png", title=f"{config.model.model} on {config.split}")
     return TrainOutcome(run_dir, config, result.best_epoch, result.best_metrics, test_metrics,
@@ -170,7 +186,7 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
 
 def model_config_dict(config: RecsysConfig) -> dict[str, Any]:
     """The model config as checkpoints record it."""
-    return config.model.__dict__ | {"tasks": [t.__dict__ for t in config.model.tasks]}
+    return asdict(config.model)
 
 
 @dataclass(frozen=True)
@@ -207,10 +223,7 @@ def evaluate_run(loaded: LoadedRun, split: str | None = None) -> dict[str, float
     """Test metrics of a loaded run on its own split (or the test part of ``split``)."""
     config, run = loaded.config, loaded.run
     test = run.test if split is None or split == config.split else make_split(run.data, split, config.seed)[1]
-    result = predict(loaded.model, _eval_batches(config, run, test))
-    metrics = task_metrics(config.model.tasks, result.targets_BT, result.predictions_BT)
-    metrics.update(gate_metrics(config.model.tasks, result.gate_means, gate_labels(config.model)))
-    return metrics
+    return _task(config).evaluate(loaded.model, _eval_batches(config, run, test))
 
 
 @dataclass(frozen=True)

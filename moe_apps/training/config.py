@@ -119,8 +119,9 @@ class TrainConfig:
 class Task(Protocol):
     """What an app gives the loop: a loss on one batch and metrics over a stream of batches."""
 
-    def training_loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
-        """The scalar task loss of ``batch`` (MoE aux losses excluded) and metrics to log."""
+    def training_loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float | Tensor]]:
+        """The scalar task loss of ``batch`` (MoE aux losses excluded) and metrics to log (numbers
+        or scalar tensors; tensors are averaged on the device, with no per-step host sync)."""
         ...
 
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:

@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,6 @@ from moe_apps.training.runtime import (
     autocast,
     build_optimizer,
     build_scheduler,
-    lr_factor,
     resolve_device,
     rng_state,
     set_rng_state,
@@ -69,7 +69,7 @@ class _RunState:
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
     sums: dict[str, Tensor] = field(default_factory=dict)  # running float64 sums of this epoch
-    metric_sums: dict[str, float] = field(default_factory=dict)  # of the task's training metrics
+    metric_sums: dict[str, Tensor] = field(default_factory=dict)  # same, of the task's metrics
     routing: dict[str, StatsAccumulator] = field(default_factory=dict)  # per MoE layer name
     seconds: float = 0.0  # time spent in this epoch before a resume
 
@@ -111,7 +111,6 @@ class _Trainer:
         self.last_path = run_dir / "checkpoints" / "last.pt"
         self.best_path = run_dir / "checkpoints" / "best.pt"
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.total_steps = total_steps
         self.coefficients = dict(config.aux_loss_coefficients)
         weighted_aux_loss({}, self.coefficients)  # a typo in a coefficient name fails here, not later
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -149,7 +148,7 @@ class _Trainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
             "sums": {k: v.detach().cpu() for k, v in self.run.sums.items()},
-            "metric_sums": dict(self.run.metric_sums),
+            "metric_sums": {k: v.detach().cpu() for k, v in self.run.metric_sums.items()},
             "routing": {name: acc.state_dict() for name, acc in self.run.routing.items()},
             "seconds": self.run.seconds,
         })
@@ -161,14 +160,16 @@ class _Trainer:
         step = self.scheduler.last_epoch  # follow the current config's schedule from here
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
             group["lr"] = base_lr * self.scheduler.lr_lambdas[0](step)
+        as_sum = partial(torch.as_tensor, dtype=torch.float64, device=self.device)
         self.run = _RunState(
             epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
             global_step=state["global_step"], best_metric=state["best_metric"],
             best_epoch=state["best_epoch"], best_metrics=dict(state["best_metrics"]),
             bad_epochs=state["bad_epochs"], stopped_early=state["stopped_early"],
             history=[dict(row) for row in state["history"]],
-            sums={k: v.to(self.device) for k, v in state["sums"].items()},
-            metric_sums=dict(state["metric_sums"]), seconds=state["seconds"],
+            sums={k: as_sum(v) for k, v in state["sums"].items()},
+            metric_sums={k: as_sum(v) for k, v in state["metric_sums"].items()},
+            seconds=state["seconds"],
         )
         for name, fields in state["routing"].items():
             self.run.routing[name] = StatsAccumulator()
@@ -177,13 +178,15 @@ class _Trainer:
         atomic_write(self.metrics_path, lambda f: f.write(lines.encode()))
 
     # ----- one step / one epoch ----------------------------------------------------------------
-    def _add(self, name: str, value: Tensor) -> None:
-        value = value.detach().double()
-        total = self.run.sums.get(name)
-        self.run.sums[name] = value if total is None else total + value
+    def _add(self, name: str, value: Tensor | float, sums: dict[str, Tensor] | None = None) -> None:
+        """Add ``value`` to a float64 running sum on the device (no host sync: a metric given as a
+        tensor stays one)."""
+        sums = self.run.sums if sums is None else sums
+        value = torch.as_tensor(value).detach().to(self.device, torch.float64)
+        total = sums.get(name)
+        sums[name] = value if total is None else total + value
 
     def train_step(self, batch: Any) -> None:
-        self.model.train()
         for module in self.model.modules():  # a layer this forward skips must not add stale values
             if getattr(module, "last_aux_losses", None) is not None:
                 module.last_aux_losses = None
@@ -208,7 +211,7 @@ class _Trainer:
         for name, value in aux.items():
             self._add(f"aux_{name}", value)
         for name, value in metrics.items():
-            self.run.metric_sums[f"train_{name}"] = self.run.metric_sums.get(f"train_{name}", 0.0) + float(value)
+            self._add(f"train_{name}", value, self.run.metric_sums)
         for name, module in self.model.named_modules():
             stats = getattr(module, "last_stats", None)
             if isinstance(stats, RoutingStats):
@@ -235,15 +238,12 @@ class _Trainer:
         steps = run.step_in_epoch
         row: dict[str, float] = {"epoch": run.epoch + 1}
         row.update({k: (v / steps).item() for k, v in sorted(run.sums.items())})
-        row.update({k: v / steps for k, v in sorted(run.metric_sums.items())})
+        row.update({k: (v / steps).item() for k, v in sorted(run.metric_sums.items())})
         for layer, accumulator in sorted(run.routing.items()):
             summary = accumulator.summary()
             row.update({f"routing_{layer}_{k}": float(summary[k]) for k in ROUTING_KEYS})
         row.update({f"val_{k}": v for k, v in metrics.items()})
-        row["lr"] = self.scheduler.base_lrs[0] * lr_factor(
-            run.global_step - 1, schedule=config.schedule, warmup_steps=config.warmup_steps,
-            total_steps=self.total_steps,
-        )
+        row["lr"] = self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](run.global_step - 1)
         row["seconds"] = seconds
         value = metrics[config.monitor]
         improved = _is_better(value, run.best_metric, config.monitor_mode)
@@ -279,6 +279,7 @@ class _Trainer:
                     progress: Any, steps_per_epoch: int, started: float) -> None:
         """Train the rest of epoch ``run.epoch``; on resume, skip its done steps and then restore RNG."""
         run, config = self.run, self.config
+        self.model.train()
         iterator = iter(batches)
         if resumed_state is not None:
             # Replay the iterator past the done steps (data order depends on (seed, epoch) only),

@@ -108,6 +108,24 @@ class _LinearTask:
         return {"loss": float(sum((model(b.x_BD) - b.y_B).pow(2).mean() for b in batches))}
 
 
+class _TensorMetricTask(_LinearTask):
+    """Logs its metric as a scalar tensor (kept on the device, no per-step host sync)."""
+
+    def training_loss(self, model, batch):
+        loss = (model(batch.x_BD) - batch.y_B).pow(2).mean()
+        return loss, {"x_sum": batch.x_BD.sum(), "one": 1}
+
+
+def test_task_metrics_may_be_tensors_or_numbers_and_are_epoch_means(tmp_path):
+    batches = [P.Batch(torch.tensor([1.0, 2.0]), torch.zeros(2)), P.Batch(torch.tensor([6.0]), torch.zeros(1))]
+    config = TrainConfig(epochs=1, lr=1e-9, optimizer="sgd", grad_clip=None, device="cpu", progress=False)
+    result = fit(_AuxOnly(), _TensorMetricTask(), lambda epoch: batches, lambda: batches, config,
+                 tmp_path, app="t", model_config={})
+    row = result.history[0]
+    assert row["train_x_sum"] == pytest.approx((3.0 + 6.0) / 2) and row["train_one"] == 1.0
+    assert isinstance(row["train_x_sum"], float)
+
+
 @pytest.mark.parametrize("coefficient", [0.0, 0.25])
 def test_aux_coefficient_changes_the_gradient(tmp_path, coefficient):
     batch = P.Batch(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0]))

@@ -123,12 +123,29 @@ def test_resume_continues_and_rejects_changed_options(data_root: Path, tmp_path:
     changed = runner.invoke(app, ["recsys", "train", "--out", str(out), "--resume", "--model", "ple",
                                   "--data-dir", str(data_root), "--no-progress"])
     assert changed.exit_code != 0 and "differ" in changed.output
+    # no --data-dir: the run's own data folder, not $MOE_APPS_DATA / ~/.cache
     resumed = runner.invoke(app, ["recsys", "train", "--out", str(out), "--resume", "--epochs", "2",
-                                  "--data-dir", str(data_root), "--no-progress"])
+                                  "--no-progress"])
     assert resumed.exit_code == 0, resumed.output
+    assert "resumed" in resumed.output and "epoch 1/2" not in resumed.output  # epoch 1 not redone
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
     assert not (out / "gates.png").exists()  # shared-bottom has no gates
+
+
+def test_resume_before_the_first_checkpoint_says_what_to_do(data_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "run"
+    args = ["recsys", "train", "--preset", "tiny", "--epochs", "1", "--data-dir", str(data_root),
+            "--out", str(out), "--no-progress"]
+    assert runner.invoke(app, args).exit_code == 0
+    shutil.rmtree(out / "checkpoints")  # as if killed during epoch 1: config.json, no checkpoint
+    before = _snapshot(out)
+    result = runner.invoke(app, [*args, "--resume"])
+    assert result.exit_code != 0
+    assert "no checkpoints/last.pt to resume from" in result.output and "delete" in result.output
+    assert _snapshot(out) == before
 
 
 def test_bad_options_exit_non_zero(data_root: Path, tmp_path: Path) -> None:

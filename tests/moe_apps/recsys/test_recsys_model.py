@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from recsys_synthetic import hand_data
 
 from moe_apps.recsys.config import (
@@ -23,7 +23,13 @@ from moe_apps.recsys.config import (
     with_vocab,
 )
 from moe_apps.recsys.data import RatingBatches, build_features
-from moe_apps.recsys.model import MultiTaskRecommender, build_model, count_parameters, gate_labels
+from moe_apps.recsys.model import (
+    MultiTaskRecommender,
+    RecsysOutput,
+    build_model,
+    count_parameters,
+    gate_labels,
+)
 from moe_apps.recsys.task import RecsysTask, task_losses, task_metrics
 
 
@@ -57,7 +63,8 @@ def test_forward_shapes_every_model(model: str) -> None:
     loss, logs = RecsysTask(config.model.tasks, 0.01).training_loss(net, batch)
     loss.backward()
     assert set(logs) == {"like_loss", "rating_loss"}
-    assert all(p.grad is not None for n, p in net.named_parameters() if "t_user" in n)
+    user_tables = [p for n, p in net.named_parameters() if "t_user" in n]
+    assert user_tables and all(p.grad is not None for p in user_tables)
 
 
 def test_ple_gates_see_task_and_shared_experts() -> None:
@@ -128,7 +135,13 @@ def test_task_losses_and_weights() -> None:
     by_hand_mse = ((3.0 - 4.0) ** 2 + (1 + 4 / (1 + math.exp(-1.0)) - 2.0) ** 2) / 2
     assert float(bce) == pytest.approx(by_hand_bce, rel=1e-6)
     assert float(mse) == pytest.approx(by_hand_mse, rel=1e-6)
-    assert float(F.binary_cross_entropy(preds[:, 0], targets[:, 0])) == pytest.approx(by_hand_bce, rel=1e-5)
+    # RecsysTask weights them: sum_t w_t * L_t + embedding_l2 * embedding_sq
+    out = RecsysOutput(logits, preds, None, torch.tensor(3.0))
+    tasks = (replace(LIKE, loss_weight=2.0), replace(RATING, loss_weight=0.5))
+    loss, logs = RecsysTask(tasks, 0.1).training_loss(lambda batch: out, SimpleNamespace(targets_BT=targets))
+    assert float(loss) == pytest.approx(2.0 * by_hand_bce + 0.5 * by_hand_mse + 0.1 * 3.0, rel=1e-6)
+    assert {k: float(v) for k, v in logs.items()} == pytest.approx(
+        {"like_loss": by_hand_bce, "rating_loss": by_hand_mse}, rel=1e-6)
 
 
 def test_config_validation_and_presets() -> None:
