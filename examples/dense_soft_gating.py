@@ -16,7 +16,7 @@ from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
 from moe_core.routers import SoftmaxRouter
 
-from _common import run_cli, seeded, train
+from _common import EmbedMoEHead, run_cli, seeded, train
 
 
 def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -28,30 +28,21 @@ def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-class DenseMoERegressor(nn.Module):
-    def __init__(self, d_model: int = 32, num_experts: int = 4, d_hidden: int = 32) -> None:
-        super().__init__()
-        self.embed = nn.Linear(2, d_model)
-        self.moe = MoE(
-            SoftmaxRouter(d_model, num_experts), ExpertBank(num_experts, d_model, d_hidden)
-        )
-        self.head = nn.Linear(d_model, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.moe(self.embed(x)).output)
+def build_model(d_model: int = 32, num_experts: int = 4, d_hidden: int = 32) -> EmbedMoEHead:
+    """``x (n, 2) -> y (n, 1)`` through one dense MoE layer: every expert sees every input."""
+    moe = MoE(SoftmaxRouter(d_model, num_experts), ExpertBank(num_experts, d_model, d_hidden))
+    return EmbedMoEHead(nn.Linear(2, d_model), moe, nn.Linear(d_model, 1))
 
 
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train for ``steps`` full-batch Adam steps; returns the held-out MSE before and after."""
     generator = seeded(seed)
-    x_train, y_train = make_data(1024, generator)
-    test_data = make_data(512, generator)
-    model = DenseMoERegressor()
+    model = build_model()
     return train(
         model,
         nn.functional.mse_loss,
-        lambda step: (x_train, y_train),
-        test_data,
+        make_data(1024, generator),
+        make_data(512, generator),
         steps,
         label="test mse",
         summary=lambda: f"gate entropy {model.moe.last_stats.entropy:.3f} nats",

@@ -18,7 +18,7 @@ from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
 from moe_core.routers import GumbelRouter
 
-from _common import random_batches, run_cli, seeded, train
+from _common import EmbedMoEHead, run_cli, seeded, train
 
 NUM_CLUSTERS, D_IN = 4, 4
 AUX_COEFFICIENTS = {"load_balance": 0.05}
@@ -35,36 +35,31 @@ def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-class HardGatedRegressor(nn.Module):
-    def __init__(self, d_model: int = 32, d_hidden: int = 32) -> None:
-        super().__init__()
-        self.embed = nn.Linear(D_IN, d_model)
-        self.router = GumbelRouter(d_model, NUM_CLUSTERS, temperature=2.0)
-        self.moe = MoE(self.router, ExpertBank(NUM_CLUSTERS, d_model, d_hidden))
-        self.head = nn.Linear(d_model, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.moe(self.embed(x)).output)
+def build_model(d_model: int = 32, d_hidden: int = 32) -> EmbedMoEHead:
+    """``x (n, D_IN) -> y (n, 2)`` through one MoE layer that sends each input to one expert."""
+    router = GumbelRouter(d_model, NUM_CLUSTERS, temperature=2.0)
+    moe = MoE(router, ExpertBank(NUM_CLUSTERS, d_model, d_hidden))
+    return EmbedMoEHead(nn.Linear(D_IN, d_model), moe, nn.Linear(d_model, 2))
 
 
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train ``steps`` Adam steps on batches of 256; returns the held-out MSE before and after."""
     generator = seeded(seed)
-    x_train, y_train = make_data(4096, generator)
-    test_data = make_data(1024, generator)
-    model = HardGatedRegressor()
-    batches = random_batches(x_train, y_train, 256, generator)
+    model = build_model()
 
-    def anneal_and_sample(step: int) -> tuple[Tensor, Tensor]:
-        model.router.temperature = 2.0 * (0.25 ** (step / max(steps - 1, 1)))  # 2 -> 0.5
-        return batches(step)
+    def anneal(step: int) -> None:
+        """Set the temperature of step ``step + 1``: 2 at the first step -> 0.5 at the last."""
+        model.moe.router.temperature = 2.0 * 0.25 ** ((step + 1) / max(steps - 1, 1))
 
     return train(
         model,
         nn.functional.mse_loss,
-        anneal_and_sample,
-        test_data,
+        make_data(4096, generator),
+        make_data(1024, generator),
         steps,
+        batch_size=256,
+        generator=generator,
+        after_step=anneal,
         aux_coefficients=AUX_COEFFICIENTS,
         label="test mse",
         summary=lambda: (

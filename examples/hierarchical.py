@@ -18,7 +18,7 @@ from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
 from moe_core.routers import HierarchicalRouter
 
-from _common import random_batches, run_cli, seeded, train
+from _common import EmbedMoEHead, run_cli, seeded, train
 
 NUM_GROUPS, PER_GROUP, D_IN = 2, 4, 6
 AUX_COEFFICIENTS = {"load_balance": 0.05}
@@ -38,33 +38,28 @@ def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-class HierarchicalRegressor(nn.Module):
-    def __init__(self, d_model: int = 32, d_hidden: int = 32) -> None:
-        super().__init__()
-        num_experts = NUM_GROUPS * PER_GROUP
-        self.embed = nn.Linear(D_IN, d_model)
-        router = HierarchicalRouter(
-            d_model, num_experts, num_groups=NUM_GROUPS, top_k_groups=1, top_k_experts=2
-        )
-        self.moe = MoE(router, ExpertBank(num_experts, d_model, d_hidden))
-        self.head = nn.Linear(d_model, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.moe(self.embed(x)).output)
+def build_model(d_model: int = 32, d_hidden: int = 32) -> EmbedMoEHead:
+    """``x (n, D_IN) -> y (n, 1)`` through one MoE layer: best group, then its 2 best experts."""
+    num_experts = NUM_GROUPS * PER_GROUP
+    router = HierarchicalRouter(
+        d_model, num_experts, num_groups=NUM_GROUPS, top_k_groups=1, top_k_experts=2
+    )
+    moe = MoE(router, ExpertBank(num_experts, d_model, d_hidden))
+    return EmbedMoEHead(nn.Linear(D_IN, d_model), moe, nn.Linear(d_model, 1))
 
 
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train ``steps`` Adam steps on batches of 256; returns the held-out MSE before and after."""
     generator = seeded(seed)
-    x_train, y_train = make_data(4096, generator)
-    test_data = make_data(1024, generator)
-    model = HierarchicalRegressor()
+    model = build_model()
     return train(
         model,
         nn.functional.mse_loss,
-        random_batches(x_train, y_train, 256, generator),
-        test_data,
+        make_data(4096, generator),
+        make_data(1024, generator),
         steps,
+        batch_size=256,
+        generator=generator,
         aux_coefficients=AUX_COEFFICIENTS,
         label="test mse",
         summary=lambda: (

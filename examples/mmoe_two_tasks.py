@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from moe_core.multigate import MMoE
 
-from _common import cli_parser, random_batches, seeded, train
+from _common import cli_parser, seeded, train
 
 D_IN, NUM_SINES = 16, 10
 
@@ -55,8 +55,6 @@ def main(steps: int, seed: int = 0, rho: float = 0.5) -> tuple[float, float]:
     """Train for ``steps`` Adam steps on batches of 256; returns the held-out summed MSE before
     and after."""
     generator = seeded(seed)
-    x_train, y_train = make_data(8192, rho, generator)
-    test_data = make_data(2048, rho, generator)
     model = MMoEModel()
 
     def gate_usage() -> str:
@@ -69,9 +67,11 @@ def main(steps: int, seed: int = 0, rho: float = 0.5) -> tuple[float, float]:
     return train(
         model,
         summed_mse,
-        random_batches(x_train, y_train, 256, generator),
-        test_data,
+        make_data(8192, rho, generator),
+        make_data(2048, rho, generator),
         steps,
+        batch_size=256,
+        generator=generator,
         label="test loss (sum of the two MSEs)",
         summary=gate_usage,
     )

@@ -21,7 +21,7 @@ from moe_core.layer import MoE
 from moe_core.losses import collect_aux_losses
 from moe_core.routers import TopKRouter
 
-from _common import random_batches, run_cli, seeded, train
+from _common import EmbedMoEHead, run_cli, seeded, train
 
 NUM_CLUSTERS, D_IN = 8, 8
 AUX_COEFFICIENTS = {"load_balance": 0.01, "z_loss": 0.001}
@@ -39,27 +39,20 @@ def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     return x, y[:, None]
 
 
-class SharedRoutedRegressor(nn.Module):
-    def __init__(self, d_model: int = 32, d_hidden: int = 16, num_experts: int = 8) -> None:
-        super().__init__()
-        self.embed = nn.Linear(D_IN, d_model)
-        self.moe = MoE(
-            TopKRouter(d_model, num_experts, top_k=2),
-            ExpertBank(num_experts, d_model, d_hidden),
-            shared_experts=FFN(d_model, 2 * d_hidden),
-        )
-        self.head = nn.Linear(d_model, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.moe(self.embed(x)).output)
+def build_model(d_model: int = 32, d_hidden: int = 16, num_experts: int = 8) -> EmbedMoEHead:
+    """``x (n, D_IN) -> y (n, 1)`` through one MoE layer: a shared FFN plus the top 2 of 8."""
+    moe = MoE(
+        TopKRouter(d_model, num_experts, top_k=2),
+        ExpertBank(num_experts, d_model, d_hidden),
+        shared_experts=FFN(d_model, 2 * d_hidden),
+    )
+    return EmbedMoEHead(nn.Linear(D_IN, d_model), moe, nn.Linear(d_model, 1))
 
 
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train ``steps`` Adam steps on batches of 256; returns the held-out MSE before and after."""
     generator = seeded(seed)
-    x_train, y_train = make_data(4096, generator)
-    test_data = make_data(1024, generator)
-    model = SharedRoutedRegressor()
+    model = build_model()
 
     def summary() -> str:
         aux = {name: round(value.item(), 4) for name, value in collect_aux_losses(model).items()}
@@ -68,9 +61,11 @@ def main(steps: int, seed: int = 0) -> tuple[float, float]:
     return train(
         model,
         nn.functional.mse_loss,
-        random_batches(x_train, y_train, 256, generator),
-        test_data,
+        make_data(4096, generator),
+        make_data(1024, generator),
         steps,
+        batch_size=256,
+        generator=generator,
         aux_coefficients=AUX_COEFFICIENTS,
         label="test mse",
         summary=summary,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from moe_core.experts import ExpertBank
 from moe_core.soft_moe import SoftMoE
 
-from _common import random_batches, run_cli, seeded, train
+from _common import run_cli, seeded, train
 
 D_IN, SEQ_LEN, NUM_CLASSES = 8, 16, 4
 
@@ -47,15 +47,14 @@ def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train for ``steps`` Adam steps on batches of 64 sequences; returns the held-out
     cross-entropy before and after."""
     generator = seeded(seed)
-    x_train, y_train = make_data(4096, generator)
-    test_data = make_data(512, generator)
-    model = SoftMoEClassifier()
     return train(
-        model,
+        SoftMoEClassifier(),
         nn.functional.cross_entropy,
-        random_batches(x_train, y_train, 64, generator),
-        test_data,
+        make_data(4096, generator),
+        make_data(512, generator),
         steps,
+        batch_size=64,
+        generator=generator,
         lr=3e-3,
         accuracy=True,
     )

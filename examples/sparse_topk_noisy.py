@@ -18,7 +18,7 @@ from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
 from moe_core.routers import TopKRouter
 
-from _common import random_batches, run_cli, seeded, train
+from _common import EmbedMoEHead, run_cli, seeded, train
 
 NUM_CLUSTERS, D_IN, NUM_CLASSES = 8, 8, 4
 AUX_COEFFICIENTS = {"importance": 0.1, "load_balance": 0.01}
@@ -35,31 +35,26 @@ def make_data(n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     return x, label
 
 
-class TopKClassifier(nn.Module):
-    def __init__(self, d_model: int = 32, d_hidden: int = 32, num_experts: int = 8) -> None:
-        super().__init__()
-        self.embed = nn.Linear(D_IN, d_model)
-        router = TopKRouter(d_model, num_experts, top_k=2, noisy=True)
-        self.moe = MoE(router, ExpertBank(num_experts, d_model, d_hidden))
-        self.head = nn.Linear(d_model, NUM_CLASSES)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.moe(self.embed(x)).output)
+def build_model(d_model: int = 32, d_hidden: int = 32, num_experts: int = 8) -> EmbedMoEHead:
+    """``x (n, D_IN) -> logits (n, NUM_CLASSES)`` through one noisy top-2 MoE layer."""
+    router = TopKRouter(d_model, num_experts, top_k=2, noisy=True)
+    moe = MoE(router, ExpertBank(num_experts, d_model, d_hidden))
+    return EmbedMoEHead(nn.Linear(D_IN, d_model), moe, nn.Linear(d_model, NUM_CLASSES))
 
 
 def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train ``steps`` Adam steps on batches of 256; returns the held-out cross-entropy before
     and after."""
     generator = seeded(seed)
-    x_train, y_train = make_data(4096, generator)
-    test_data = make_data(1024, generator)
-    model = TopKClassifier()
+    model = build_model()
     return train(
         model,
         nn.functional.cross_entropy,
-        random_batches(x_train, y_train, 256, generator),
-        test_data,
+        make_data(4096, generator),
+        make_data(1024, generator),
         steps,
+        batch_size=256,
+        generator=generator,
         aux_coefficients=AUX_COEFFICIENTS,
         accuracy=True,
         summary=lambda: f"load CV {model.moe.last_stats.load_cv:.3f}",

@@ -18,7 +18,7 @@ from moe_core.experts import ExpertBank
 from moe_core.layer import MoE
 from moe_core.routers import SwitchRouter
 
-from _common import random_batches, run_cli, seeded, train
+from _common import run_cli, seeded, train
 
 VOCAB, NUM_CLASSES, SEQ_LEN = 256, 16, 32
 AUX_COEFFICIENTS = {"load_balance": 0.01}
@@ -55,8 +55,6 @@ def main(steps: int, seed: int = 0) -> tuple[float, float]:
     """Train for ``steps`` Adam steps on batches of 32 sequences; returns the held-out
     cross-entropy before and after."""
     generator = seeded(seed)
-    tokens_train, labels_train = make_data(2048, generator)
-    test_data = make_data(256, generator)
     model = SwitchTagger()
     dropped: list[float] = []  # fraction of the tokens over capacity, per training step
 
@@ -68,9 +66,11 @@ def main(steps: int, seed: int = 0) -> tuple[float, float]:
     return train(
         model,
         token_cross_entropy,
-        random_batches(tokens_train, labels_train, 32, generator),
-        test_data,
+        make_data(2048, generator),
+        make_data(256, generator),
         steps,
+        batch_size=32,
+        generator=generator,
         aux_coefficients=AUX_COEFFICIENTS,
         after_step=lambda step: dropped.append(model.moe.last_stats.dropped_fraction),
         summary=summary,
