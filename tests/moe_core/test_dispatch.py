@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from moe_core_references import reference_activation
 from torch import nn
 
 from moe_core import dispatch, expert_layouts
@@ -20,16 +21,6 @@ from moe_core.expert_layouts import tier_plan
 from moe_core.experts import ExpertBank, ModuleExperts
 from moe_core.layer import MoE
 from moe_core.routers import TopKRouter
-
-
-def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
-    """The activations by their formulas (exact gelu; swiglu = silu(u) * v on the two halves)."""
-    if activation == "relu":
-        return torch.clamp(h, min=0)
-    if activation == "gelu":
-        return 0.5 * h * (1 + torch.erf(h / 2**0.5))
-    u, v = h.chunk(2, dim=-1)
-    return u * torch.sigmoid(u) * v
 
 
 def _loop_sort(expert_S: list[int], num_experts: int, capacity: int | None):
@@ -66,7 +57,7 @@ def test_expert_capacity() -> None:
 
 def _ffn(w_in, w_out, b_in, b_out, e, x, activation):
     h = x @ w_in[e] + (0 if b_in is None else b_in[e])
-    return _act(h, activation) @ w_out[e] + (0 if b_out is None else b_out[e])
+    return reference_activation(h, activation) @ w_out[e] + (0 if b_out is None else b_out[e])
 
 
 def _reference(x_TD, token_S, expert_S, weight_S, keep_S, params, activation):
