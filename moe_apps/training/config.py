@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from moe_core.routing import check_positive_int
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "inverse_sqrt", "triangular", "onecycle")
+AVERAGING = ("none", "ema", "lookahead")
 PRECISIONS = ("fp32", "bf16")
 MONITOR_MODES = ("min", "max")
 
@@ -27,6 +28,14 @@ MONITOR_MODES = ("min", "max")
 def _check_choice(value: object, name: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"TrainConfig.{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_fraction(value: object, name: str, *, closed: bool) -> None:
+    """``value`` in [0, 1] (closed) or [0, 1)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value and (
+        value <= 1 if closed else value < 1)
+    if not ok:
+        raise ValueError(f"TrainConfig.{name} must be in [0, 1{']' if closed else ')'}, got {value!r}")
 
 
 def _check_optional_positive_int(value: int | None, name: str) -> None:
@@ -41,10 +50,20 @@ class TrainConfig:
     Attributes:
         epochs: passes over ``train_batches(epoch)``.
         lr: peak learning rate (reached after the warmup).
-        weight_decay: decoupled for AdamW, L2 for Adam and SGD (SGD uses momentum 0.9).
+        weight_decay: decoupled for AdamW, L2 for Adam and SGD; a param group may set its own
+            (``fit(..., param_groups=fn)``).
         optimizer: "adamw" | "adam" | "sgd".
-        schedule: "constant" | "cosine" | "linear" decay to 0 over the run, after a linear warmup of
-            ``warmup_steps`` optimizer steps (step s < warmup uses lr * (s + 1) / warmup).
+        momentum, nesterov: SGD's momentum (0 = plain SGD) and Nesterov momentum (Sutskever et al.
+            2013; needs momentum > 0).
+        betas, eps: Adam / AdamW's moment decays and epsilon (e.g. (0.9, 0.98), 1e-9 for
+            Transformers, Vaswani et al. 2017).
+        schedule: after a linear warmup of ``warmup_steps`` optimizer steps (step s < warmup uses
+            lr * (s + 1) / warmup), with p the progress over the remaining steps in [0, 1):
+            "constant" 1; "cosine" (1 + cos(pi p)) / 2; "linear" 1 - p; "inverse_sqrt"
+            sqrt(max(warmup, 1) / (s + 1)) (Vaswani et al. 2017; 1 at the end of the warmup);
+            "triangular" (alias "onecycle", Smith 2018; airbench's schedule) linear from
+            ``start_factor`` up to 1 at p = ``peak_fraction``, then linear down to ``final_factor``.
+        peak_fraction, start_factor, final_factor: the shape of "triangular" (unused otherwise).
         grad_clip: max global gradient norm; None = no clipping.
         precision: "fp32" | "bf16" (torch.autocast around forward + loss; weights stay fp32).
         device: "auto" (cuda if available, else cpu) | "cpu" | "cuda" | "cuda:N".
@@ -58,14 +77,36 @@ class TrainConfig:
         log_every: refresh the shown running loss every this many steps (a console line when
             progress bars are off).
         progress: show rich progress bars.
+        averaging: "none" | "ema" | "lookahead": a running average of the weights (every float
+            entry of the state dict, BatchNorm statistics included) updated every
+            ``averaging_every`` steps as ``avg = decay * avg + (1 - decay) * w``. "ema" leaves the
+            trained weights alone (Polyak averaging); "lookahead" then copies the average back into
+            them (Zhang et al. 2019, as airbench does). Validation, best.pt and the weights `fit`
+            leaves in the model are the averaged ones; last.pt keeps both for an exact resume.
+        averaging_decay: ``decay`` above, in [0, 1).
+        averaging_every: steps between two updates.
+        averaging_start_epoch: epoch (from 1) whose first step starts the average (a copy of the
+            weights then).
+        snapshots: keep the weights of the last this many epochs as checkpoints/epoch-NNNN.pt (for
+            `average_snapshots`, checkpoint averaging as in Vaswani et al. 2017); 0 = none.
+
+    Label smoothing is the task's: it is a property of a classification loss, so a task passes
+    ``label_smoothing=`` to ``F.cross_entropy`` from its own config; the loop never sees it.
     """
 
     epochs: int = 10
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: str = "adamw"
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
     schedule: str = "cosine"
     warmup_steps: int = 0
+    peak_fraction: float = 0.25
+    start_factor: float = 0.0
+    final_factor: float = 0.0
     grad_clip: float | None = 1.0
     precision: str = "fp32"
     device: str = "auto"
@@ -77,6 +118,11 @@ class TrainConfig:
     checkpoint_every: int | None = None
     log_every: int = 50
     progress: bool = True
+    averaging: str = "none"
+    averaging_decay: float = 0.999
+    averaging_every: int = 1
+    averaging_start_epoch: int = 1
+    snapshots: int = 0
 
     def __post_init__(self) -> None:
         check_positive_int(self.epochs, "TrainConfig.epochs")
@@ -114,6 +160,25 @@ class TrainConfig:
         _check_optional_positive_int(self.patience, "patience")
         _check_optional_positive_int(self.checkpoint_every, "checkpoint_every")
         check_positive_int(self.log_every, "TrainConfig.log_every")
+        _check_fraction(self.momentum, "momentum", closed=True)
+        if not isinstance(self.nesterov, bool) or (self.nesterov and self.momentum == 0):
+            raise ValueError(f"TrainConfig.nesterov must be a bool and needs momentum > 0, got "
+                             f"nesterov={self.nesterov!r}, momentum={self.momentum!r}")
+        ok = (isinstance(self.betas, tuple) and len(self.betas) == 2
+              and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas))
+        if not ok:
+            raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
+            raise ValueError(f"TrainConfig.eps must be > 0, got {self.eps!r}")
+        if not (isinstance(self.peak_fraction, (int, float)) and 0 < self.peak_fraction < 1):
+            raise ValueError(f"TrainConfig.peak_fraction must be in (0, 1), got {self.peak_fraction!r}")
+        _check_fraction(self.start_factor, "start_factor", closed=True)
+        _check_fraction(self.final_factor, "final_factor", closed=True)
+        _check_choice(self.averaging, "averaging", AVERAGING)
+        _check_fraction(self.averaging_decay, "averaging_decay", closed=False)
+        check_positive_int(self.averaging_every, "TrainConfig.averaging_every")
+        check_positive_int(self.averaging_start_epoch, "TrainConfig.averaging_start_epoch")
+        check_positive_int(self.snapshots, "TrainConfig.snapshots", minimum=0)
 
 
 class Task(Protocol):
@@ -138,7 +203,8 @@ class FitResult:
         best_epoch: that epoch, counted from 1.
         history: one row per epoch: epoch (from 1), train_loss (task + weighted aux), aux_<name>
             (unweighted means), train_<metric> (means of the task's training metrics),
-            val_<metric>, lr (of the epoch's last step), seconds.
+            val_<metric> (of the averaged weights when averaging is on), lr (of the first param
+            group, at the epoch's last step), seconds.
         run_dir: the run folder.
         best_checkpoint: run_dir/checkpoints/best.pt.
     """

@@ -6,15 +6,23 @@ Per step the loss is ``task.training_loss(model, batch)`` plus
 ``weighted_aux_loss(collect_aux_losses(model), coefficients)`` (moe_core.losses: the load-balancing
 loss of Switch Transformer, Fedus et al. 2021, and the router z-loss of ST-MoE, Zoph et al. 2022).
 
-Run folder: ``config.json`` (written by the app), ``metrics.jsonl`` (one line per epoch),
-``checkpoints/last.pt`` (everything to resume), ``checkpoints/best.pt`` (weights of the best
-epoch), ``curves.png``. Resume is exact: ``train_batches(epoch)`` must give the same batches in the
+Options beyond the plain loop (all in `TrainConfig`, see its docstring): SGD with (Nesterov)
+momentum, Adam(W) betas, warm-up + constant / cosine / linear / inverse-sqrt / triangular schedules,
+per-parameter-group lr scales and weight decay (``fit(..., param_groups=fn)``), an EMA or lookahead
+average of the weights (`moe_apps.training.averaging`) that validation and best.pt use, and
+per-epoch weight snapshots for checkpoint averaging.
+
+Run folder (held by `moe_apps.training.run.start_run` while training): ``config.json`` (written
+by the app), ``metrics.jsonl`` (one line per epoch), ``checkpoints/last.pt`` (everything to
+resume, the weight average and the param groups' lrs included), ``checkpoints/best.pt`` (weights of
+the best epoch), ``checkpoints/epoch-NNNN.pt`` (the last ``snapshots`` epochs), ``curves.png``. Resume is exact: ``train_batches(epoch)`` must give the same batches in the
 same order for the same (seed, epoch), so the loop replays the epoch's iterator past the steps
 already done and restores the RNG, optimizer and scheduler states saved after the last of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -29,15 +37,19 @@ import torch
 from torch import Tensor, nn
 
 from moe_apps.atomic import atomic_write
+from moe_apps.training.averaging import WeightAverage
 from moe_apps.training.checkpoint import (
     check_compatible,
+    list_snapshots,
     normalize_config,
     read_checkpoint,
     save_checkpoint,
+    snapshot_path,
 )
 from moe_apps.training.config import FitResult, Task, TrainConfig
 from moe_apps.training.plots import plot_curves
 from moe_apps.training.runtime import (
+    ParamGroupsFn,
     autocast,
     build_optimizer,
     build_scheduler,
@@ -105,7 +117,7 @@ class _Trainer:
 
     def __init__(self, model: nn.Module, task: Task, config: TrainConfig, run_dir: Path, *,
                  app: str, model_config: dict[str, Any], device: torch.device, total_steps: int,
-                 console: Any) -> None:
+                 console: Any, param_groups: ParamGroupsFn | None = None) -> None:
         self.model, self.task, self.config, self.run_dir = model, task, config, run_dir
         self.app, self.model_config, self.device, self.console = app, model_config, device, console
         self.last_path = run_dir / "checkpoints" / "last.pt"
@@ -114,8 +126,10 @@ class _Trainer:
         self.coefficients = dict(config.aux_loss_coefficients)
         weighted_aux_loss({}, self.coefficients)  # a typo in a coefficient name fails here, not later
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(model, config)
+        self.optimizer = build_optimizer(model, config, param_groups)
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
+        self.average = None if config.averaging == "none" else WeightAverage(
+            config.averaging, config.averaging_decay, config.averaging_every, config.averaging_start_epoch)
         self.run = _RunState()
         self.last_plot = -math.inf
 
@@ -151,12 +165,18 @@ class _Trainer:
             "metric_sums": {k: v.detach().cpu() for k, v in self.run.metric_sums.items()},
             "routing": {name: acc.state_dict() for name, acc in self.run.routing.items()},
             "seconds": self.run.seconds,
+            "averaging": None if self.average is None else self.average.state_dict(),
         })
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.average is not None:
+            if state.get("averaging") is None:
+                raise ValueError(f"{self.last_path} was trained without weight averaging; resume it "
+                                 "with averaging='none' or start a new run")
+            self.average.load_state_dict(state["averaging"], self.device)
         step = self.scheduler.last_epoch  # follow the current config's schedule from here
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
             group["lr"] = base_lr * self.scheduler.lr_lambdas[0](step)
@@ -207,6 +227,8 @@ class _Trainer:
             self._add("grad_norm", torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.after_step(self.model, self.run.epoch)
         self._add("train_loss", loss)
         for name, value in aux.items():
             self._add(f"aux_{name}", value)
@@ -221,7 +243,8 @@ class _Trainer:
 
     def validate(self, val_batches: Callable[[], Iterable[Any]]) -> dict[str, float]:
         self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.config.precision):
+        averaged = self.average.applied(self.model) if self.average is not None else contextlib.nullcontext()
+        with averaged, torch.no_grad(), autocast(self.device, self.config.precision):
             metrics = self.task.evaluate(self.model, _to_device(val_batches(), self.device))
         if not isinstance(metrics, Mapping) or self.config.monitor not in metrics:
             keys = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
@@ -250,12 +273,17 @@ class _Trainer:
         run.history.append(row)
         run.epoch, run.step_in_epoch = run.epoch + 1, 0
         run.sums, run.metric_sums, run.routing, run.seconds = {}, {}, {}, 0.0
+        weights = self.validated_weights()
         if improved:
             run.best_metric, run.best_epoch, run.best_metrics = value, run.epoch, dict(metrics)
             run.bad_epochs = 0
-            save_checkpoint(self.best_path, {**self._metadata(), "model": self.model.state_dict()})
+            save_checkpoint(self.best_path, {**self._metadata(), "model": weights})
         else:
             run.bad_epochs += 1
+        if config.snapshots:
+            save_checkpoint(snapshot_path(self.run_dir, run.epoch), {**self._metadata(), "model": weights})
+            for old in list_snapshots(self.run_dir)[:-config.snapshots]:
+                old.unlink(missing_ok=True)
         run.stopped_early = config.patience is not None and run.bad_epochs >= config.patience
         self.save_last()
         with open(self.metrics_path, "a") as f:
@@ -268,6 +296,12 @@ class _Trainer:
         mark = " *" if improved else ""
         stop = f"  early stop ({run.bad_epochs} epochs without a better {config.monitor})" if run.stopped_early else ""
         return f"epoch {run.epoch}/{config.epochs}  {shown}  lr {row['lr']:.3g}  {seconds:.1f}s{mark}{stop}"
+
+    def validated_weights(self) -> dict[str, Tensor]:
+        """The weights validation scores: the weight average once it started, else the model's."""
+        if self.average is None:
+            return self.model.state_dict()
+        return self.average.averaged_state(self.model)
 
     def plot(self) -> None:
         if self.run.history:
@@ -307,7 +341,8 @@ class _Trainer:
 
 def fit(model: nn.Module, task: Task, train_batches: Callable[[int], Iterable[Any]],
         val_batches: Callable[[], Iterable[Any]], config: TrainConfig, run_dir: str | Path, *,
-        app: str, model_config: Mapping[str, Any], resume: bool = False, console: Any = None) -> FitResult:
+        app: str, model_config: Mapping[str, Any], resume: bool = False, console: Any = None,
+        param_groups: ParamGroupsFn | None = None) -> FitResult:
     """Train ``model`` on ``task`` for ``config.epochs`` epochs (or until early stopping).
 
     Args:
@@ -318,9 +353,13 @@ def fit(model: nn.Module, task: Task, train_batches: Callable[[int], Iterable[An
             already holds checkpoints; ``resume=True`` continues from checkpoints/last.pt.
         app, model_config: stored in every checkpoint and checked on resume / load.
         console: a rich Console for the per-epoch lines (a new one if None).
+        param_groups: ``model -> [{"params": [...], "lr_scale": float, "weight_decay": float}]``;
+            each group trains at ``lr * lr_scale`` (under the same schedule) with its own weight
+            decay; trainable parameters left out form one more group with the config's values.
 
     Returns:
-        FitResult; the model is left holding the weights of the best epoch (checkpoints/best.pt).
+        FitResult; the model is left holding the weights of the best epoch (checkpoints/best.pt:
+        the averaged weights when ``config.averaging`` is on).
     """
     from rich.console import Console
     from rich.progress import (
@@ -361,7 +400,8 @@ def fit(model: nn.Module, task: Task, train_batches: Callable[[int], Iterable[An
     model.to(device)
     steps_per_epoch = _count_steps(train_batches)
     trainer = _Trainer(model, task, config, run_dir, app=app, model_config=normalized, device=device,
-                       total_steps=config.epochs * steps_per_epoch, console=console)
+                       total_steps=config.epochs * steps_per_epoch, console=console,
+                       param_groups=param_groups)
     run_dir.mkdir(parents=True, exist_ok=True)
     if state is not None:
         trainer.restore(state)

@@ -285,14 +285,21 @@ def test_corrupted_checkpoint_error_names_the_file(tmp_path, damage):
         P.run(tmp_path, P.RegressionTask(), resume=True, config=quiet(epochs=1))
 
 
-def test_refuses_to_overwrite_and_to_resume_nothing(tmp_path):
+def _fit_only(run_dir, *, resume=False):
+    """fit without the run lifecycle around it (its own refusals)."""
+    torch.manual_seed(0)
+    return fit(P.TinyMoE(), P.RegressionTask(), *P.batch_fns(), quiet(epochs=1), run_dir, app=P.APP,
+               model_config=P.MODEL_CONFIG, resume=resume)
+
+
+def test_fit_refuses_to_overwrite_and_to_resume_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="resume=True but .*last.pt does not exist"):
-        P.run(tmp_path / "new", P.RegressionTask(), resume=True, config=quiet(epochs=1))
-    P.run(tmp_path, P.RegressionTask(), config=quiet(epochs=1))
+        _fit_only(tmp_path / "new", resume=True)
+    _fit_only(tmp_path)
     before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()}
     metrics = (tmp_path / "metrics.jsonl").read_text()
     with pytest.raises(FileExistsError, match="already has checkpoints .*resume=True"):
-        P.run(tmp_path, P.RegressionTask(), config=quiet(epochs=1))
+        _fit_only(tmp_path)
     assert {p.name: p.read_bytes() for p in (tmp_path / "checkpoints").iterdir()} == before
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
 

@@ -1,5 +1,6 @@
 """A tiny synthetic problem for tests/moe_apps/test_training.py, also run as a script by the
-SIGKILL-resume test: ``python training_problem.py RUN_DIR KILL_AT_STEP``.
+SIGKILL-resume tests: ``python training_problem.py RUN_DIR KILL_AT_STEP [VARIANT]`` (trains inside
+`start_run`, so the run folder's lock is held when the kill comes).
 
 A 2-expert soft-gated regression net with dropout (so RNG state matters), its own aux losses and
 routing stats (like a moe_core MoE layer), per-epoch shuffled batches from (seed, epoch).
@@ -126,16 +127,39 @@ def resume_config(**overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def gate_group(model: nn.Module) -> list[dict]:
+    """The gate trains 4x faster without weight decay; the experts form the default group."""
+    return [{"params": list(model.gate.parameters()), "lr_scale": 4.0, "weight_decay": 0.0, "name": "gate"}]
+
+
+#: the loop options the exact-resume tests cover: name -> (TrainConfig overrides, param_groups)
+VARIANTS = {
+    "plain": ({}, None),
+    "sgd-triangular-lookahead": (dict(optimizer="sgd", momentum=0.85, nesterov=True, weight_decay=5e-4,
+                                      schedule="triangular", peak_fraction=0.3, start_factor=0.2,
+                                      warmup_steps=0, averaging="lookahead", averaging_decay=0.6,
+                                      averaging_every=3, snapshots=2), gate_group),
+    "adamw-inverse-sqrt-ema": (dict(betas=(0.9, 0.98), eps=1e-9, schedule="inverse_sqrt",
+                                    warmup_steps=4, averaging="ema", averaging_decay=0.7,
+                                    averaging_start_epoch=2, snapshots=3), gate_group),
+}
+
+
 def run(run_dir: Path, task: RegressionTask, *, resume: bool = False, model_seed: int = 0,
-        config: TrainConfig | None = None):
+        config: TrainConfig | None = None, variant: str = "plain"):
+    from moe_apps.training.run import start_run
+
+    overrides, groups = VARIANTS[variant]
     torch.manual_seed(model_seed)
     model = TinyMoE()
     train_batches, val_batches = batch_fns()
-    result = fit(model, task, train_batches, val_batches, config or resume_config(), run_dir,
-                 app=APP, model_config=MODEL_CONFIG, resume=resume)
+    with start_run(run_dir, app=APP, config=MODEL_CONFIG, data_root=None, resume=resume) as info:
+        result = fit(model, task, train_batches, val_batches, config or resume_config(**overrides),
+                     info.run_dir, app=APP, model_config=MODEL_CONFIG, resume=resume, param_groups=groups)
     return model, result
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    run(Path(sys.argv[1]), RegressionTask(kill_at_step=int(sys.argv[2])))
+    variant = sys.argv[3] if len(sys.argv) > 3 else "plain"
+    run(Path(sys.argv[1]), RegressionTask(kill_at_step=int(sys.argv[2])), variant=variant)

@@ -1,0 +1,283 @@
+"""The run lifecycle every app shares: start (or resume) a run in a folder, open a finished run for
+eval / predict, and lay CLI overrides onto a frozen preset config.
+
+A run folder holds ``config.json`` = ``{"app", "config", "data_root", "format": 1}`` (folders
+written before "format" existed still open), the training loop's files (``metrics.jsonl``,
+``checkpoints/{last,best}.pt``, ``curves.png``) and whatever the app adds. While a job trains into
+it, the folder is held: ``fcntl.flock`` on ``<run>/.lock`` (the holder's pid written inside for
+the message), so a second job is refused, and the kernel releases the lock when the holder exits
+or is killed (kill -9 included); the ``.lock`` file itself stays. Readers (`open_run`) take no lock:
+checkpoints are replaced atomically, so eval of a run still training reads its last complete one.
+
+Standard library only (no torch), so a CLI can check a folder before any heavy import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from moe_apps.atomic import atomic_write
+
+RUN_FORMAT = 1
+LOCK_NAME = ".lock"
+CONFIG_NAME = "config.json"
+CHECKPOINT_NAMES = ("last", "best")
+
+C = TypeVar("C")
+
+
+class RunError(ValueError):
+    """A one-line, user-facing problem with a run folder: not a run, another app's run, held by
+    another job, a corrupted checkpoint, a folder that cannot be written."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run folder as `start_run` / `open_run` see it.
+
+    Attributes:
+        run_dir: the folder.
+        app: the app that made it ("recsys", "vision", ...).
+        config: the app's config as plain JSON values (``config.json["config"]``).
+        data_root: the data folder the run was trained on (None if it did not record one).
+    """
+
+    run_dir: Path
+    app: str
+    config: dict[str, Any]
+    data_root: Path | None
+
+    def checkpoint(self, name: str = "best") -> Path:
+        """``checkpoints/<name>.pt`` ("best" or "last"); RunError saying why it is missing."""
+        if name not in CHECKPOINT_NAMES:
+            raise ValueError(f"checkpoint name must be one of {CHECKPOINT_NAMES}, got {name!r}")
+        path = self.run_dir / "checkpoints" / f"{name}.pt"
+        if not path.is_file():
+            raise RunError(
+                f"{self.run_dir} has no checkpoints/{name}.pt: the run stopped before its first "
+                "epoch ended; resume it with --resume only if it has a last.pt, else train it again"
+            )
+        return path
+
+
+def _fix(app: str) -> str:
+    return f"a run folder made by `moe-apps {app} train`"
+
+
+def _read_config(run_dir: Path, app: str) -> dict[str, Any]:
+    """The parsed config.json of ``run_dir``; RunError if the folder is not a run of ``app``."""
+    if not run_dir.exists():
+        raise RunError(f"{run_dir} does not exist; expected {_fix(app)}")
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir} is a file, not a run folder; expected {_fix(app)}")
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a {app} run folder (it has no {CONFIG_NAME}); expected {_fix(app)}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{path} cannot be read as JSON ({error}); it is not {_fix(app)}") from error
+    other = raw.get("app") if isinstance(raw, dict) else None
+    if other != app:
+        what = f"a {other} run (config.json has app={other!r})" if isinstance(other, str) else (
+            f"not a {app} run folder (config.json has app={other!r})")
+        raise RunError(f"{run_dir} is {what}; expected {_fix(app)}")
+    if not isinstance(raw.get("config"), dict):
+        raise RunError(f"{path} has no 'config' object; it is not {_fix(app)}")
+    fmt = raw.get("format", RUN_FORMAT)
+    if fmt != RUN_FORMAT:
+        raise RunError(f"{path} has run format {fmt!r}; this version of moe-apps reads format {RUN_FORMAT}")
+    return raw
+
+
+def open_run(run_dir: str | Path, *, app: str) -> RunInfo:
+    """The run in ``run_dir`` for eval / predict / resume; writes nothing.
+
+    RunError (one line: what the folder is, what was expected) for a missing folder, a folder that
+    is not a run, or a run of another app.
+    """
+    run_dir = Path(run_dir)
+    raw = _read_config(run_dir, app)
+    root = raw.get("data_root")
+    return RunInfo(run_dir, app, raw["config"], Path(root) if isinstance(root, str) and root else None)
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        pid = lock_path.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+def _check_free(run_dir: Path) -> None:
+    """RunError if a live job holds ``run_dir`` (probes the lock without keeping it)."""
+    lock_path = run_dir / LOCK_NAME
+    if not lock_path.is_file():
+        return
+    try:
+        fd = os.open(lock_path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunError(_held_message(run_dir, lock_path)) from None
+    finally:
+        os.close(fd)
+
+
+def _held_message(run_dir: Path, lock_path: Path) -> str:
+    return (f"{run_dir} is held by another training job ({_holder(lock_path)}); wait for it to end, "
+            "or choose another --out")
+
+
+def _has_run(run_dir: Path) -> bool:
+    return (run_dir / CONFIG_NAME).exists() or (run_dir / "checkpoints").exists()
+
+
+def _check_writable(run_dir: Path) -> None:
+    """RunError if ``run_dir`` (or its nearest existing ancestor, for a new folder) cannot be written."""
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise RunError(f"cannot create the run folder {run_dir}: {probe} is a file; choose another --out")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write the run folder {run_dir}: {probe} is not writable; choose another --out")
+
+
+def check_run_folder(out_dir: str | Path, *, app: str, resume: bool = False) -> RunInfo | None:
+    """Every refusal `start_run` can make before it writes anything, without writing anything.
+
+    A fresh run: ``out_dir`` must not hold a run and must be creatable. ``resume``: ``out_dir`` must
+    hold a run of ``app`` with a checkpoints/last.pt; its `RunInfo` is returned (the saved config,
+    to lay overrides on, and its data folder). Either way: RunError if another job holds it.
+    Apps call this before loading data, so that a bad --out fails fast.
+    """
+    return _check(Path(out_dir), app=app, resume=resume, probe_lock=True)
+
+
+def _check(run_dir: Path, *, app: str, resume: bool, probe_lock: bool) -> RunInfo | None:
+    _check_writable(run_dir)
+    if probe_lock and run_dir.is_dir():
+        _check_free(run_dir)
+    if not resume:
+        if run_dir.is_dir() and _has_run(run_dir):
+            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        return None
+    info = open_run(run_dir, app=app)
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        raise RunError(
+            f"{run_dir} has no checkpoints/last.pt to resume from (the run stopped before its first "
+            f"epoch ended); delete {run_dir} or choose another --out to start afresh"
+        )
+    return info
+
+
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the ``.*.tmp`` files an interrupted atomic write left anywhere under ``run_dir``
+    (only call this while holding the folder: the holder is its only writer)."""
+    removed = []
+    for path in sorted(run_dir.rglob(".*.tmp")):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def write_run_config(run_dir: Path, *, app: str, config: Mapping[str, Any], data_root: str | Path | None) -> None:
+    """Write ``config.json`` atomically."""
+    payload = {"app": app, "config": dict(config), "data_root": None if data_root is None else str(data_root),
+               "format": RUN_FORMAT}
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+    atomic_write(run_dir / CONFIG_NAME, lambda f: f.write(text.encode()))
+
+
+@contextmanager
+def start_run(out_dir: str | Path, *, app: str, config: Mapping[str, Any] | None,
+              data_root: str | Path | None, resume: bool = False) -> Iterator[RunInfo]:
+    """Hold ``out_dir`` for one training job and give its `RunInfo`.
+
+    The app validates its config (and device) BEFORE calling this. Then: the `check_run_folder`
+    refusals; the folder is created and its lock taken (RunError "held by pid N" if another job has
+    it; released when the block ends or the process dies); stale ``.*.tmp`` files are removed;
+    ``config.json`` is written with ``config`` (on ``resume``, the saved config is kept when
+    ``config`` is None, else replaced by it: the caller checked that the overrides are compatible).
+    OSErrors (a folder that cannot be written) become RunError naming the path.
+    """
+    if not isinstance(app, str) or not app:
+        raise ValueError(f"app must be the app's name such as 'recsys', got {app!r}")
+    run_dir = Path(out_dir)
+    saved = check_run_folder(run_dir, app=app, resume=resume)
+    if not resume and config is None:
+        raise ValueError("start_run needs the run's config for a fresh run")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_path = run_dir / LOCK_NAME
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:
+        raise RunError(f"cannot create the run folder {run_dir}: {error.strerror or error}; choose another --out") from error
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(_held_message(run_dir, lock_path)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        # Checked again under the lock: another job may have started or finished meanwhile.
+        saved = _check(run_dir, app=app, resume=resume, probe_lock=False)
+        remove_stale_temp_files(run_dir)
+        if config is not None:
+            root = data_root if data_root is not None else (saved.data_root if saved else None)
+            write_run_config(run_dir, app=app, config=config, data_root=root)
+            info = RunInfo(run_dir, app, json.loads(json.dumps(dict(config), default=str)),
+                           Path(root) if root is not None else None)
+        else:
+            assert saved is not None
+            info = saved if data_root is None else dataclasses.replace(saved, data_root=Path(data_root))
+        yield info
+    finally:
+        os.close(fd)  # releases the flock
+
+
+# ----- CLI overrides onto frozen configs ---------------------------------------------------------
+def apply_overrides(config: C, overrides: Mapping[str, Any]) -> C:
+    """``config`` (a frozen dataclass) with ``overrides`` laid on it: None values are skipped,
+    nested dataclass fields go by dotted name (``"model.num_experts"``), every touched dataclass is
+    rebuilt with `dataclasses.replace` (so its own validation runs). ValueError naming an unknown
+    field and the known ones."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise ValueError(f"apply_overrides needs a dataclass instance, got {type(config).__name__}")
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(config)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise ValueError(
+                f"unknown option {key!r} for {type(config).__name__}; known fields: {', '.join(sorted(names))}"
+            )
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub in nested.items():
+        inner = direct.get(head, getattr(config, head))
+        if not dataclasses.is_dataclass(inner):
+            raise ValueError(f"{head!r} of {type(config).__name__} is not a nested config; "
+                             f"cannot set {', '.join(f'{head}.{k}' for k in sub)}")
+        direct[head] = apply_overrides(inner, sub)
+    return dataclasses.replace(config, **direct) if direct else config
