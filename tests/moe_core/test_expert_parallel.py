@@ -4,6 +4,11 @@ in fp32. One spawn of 2 processes runs every layer scenario (tests/moe_core/dist
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from distributed_helpers import (
@@ -113,3 +118,20 @@ def test_world_size_must_divide_the_experts(group_results):
     with pytest.raises(ValueError, match="not divisible"):
         local_expert_range(6, 4, 0)
     assert local_expert_range(8, 4, 3) == range(6, 8)
+
+
+def test_benchmark_prints_one_json_object():
+    """benchmarks/expert_parallel.py end to end on a tiny problem (2 processes against 1)."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "expert_parallel.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--tokens", "32", "--d-model", "8", "--d-hidden", "8", "--experts", "4",
+         "--capacity-factor", "1.0", "--steps", "1", "--warmup", "0", "--threads", "2", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report["tokens_per_s"]) == set(report["all_to_all_share"]) == {"1", "2"}
+    assert all(v > 0 for v in report["tokens_per_s"].values())
+    assert report["all_to_all_share"]["1"] == 0.0 and 0 < report["all_to_all_share"]["2"] < 1
+    for key in ("outputs_max_abs_diff", "grads_max_abs_diff", "checkpoint_2to1_max_abs_diff"):
+        assert report[key] <= 1e-5, (key, report[key])
