@@ -8,7 +8,7 @@ stats. Multi-gate layers (MMoE, PLE) and Soft-MoE sit beside it. See docs/ARCHIT
 from moe_core.diagnostics import RoutingStats, StatsAccumulator, routing_stats
 from moe_core.expert_choice import ExpertChoiceRouter
 from moe_core.experts import EXPERTS, FFN, ConvExperts, ExpertBank, ModuleExperts
-from moe_core.layer import MoE, MoEOutput
+from moe_core.layer import MoE, MoEOutput, MoETensor
 from moe_core.losses import (
     collect_aux_losses,
     importance_loss,
@@ -46,6 +46,7 @@ __all__ = [
     "HierarchicalRouter",
     "MoE",
     "MoEOutput",
+    "MoETensor",
     "ModuleExperts",
     "MultiGateOutput",
     "Routing",

@@ -30,7 +30,13 @@ from moe_core.routing import (
 
 
 class ExpertChoiceRouter(nn.Module):
-    """Each expert takes its top-C tokens by softmax score (Zhou et al. 2022)."""
+    """Each expert takes its top-C tokens by softmax score (Zhou et al. 2022).
+
+    The choice is made over all the tokens of a call, so a token's output depends on the others
+    (later positions of a sequence included): ``is_expert_choice`` lets ``MoE(causal=True)``
+    refuse it."""
+
+    is_expert_choice = True
 
     def __init__(self, d_model: int, num_experts: int, capacity_factor: float = 1.0) -> None:
         super().__init__()

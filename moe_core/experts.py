@@ -9,9 +9,11 @@
   (``torch._grouped_mm``: ``auto`` for 16-bit floats and on CUDA bf16) or with batched padded
   ``bmm`` (one, or one per padding tier; ``auto`` for equal blocks such as expert choice).
 * `ModuleExperts` -- any list of modules (heterogeneous allowed), computed one expert at a time.
-* `ConvExperts` -- each expert a small conv block ``conv -> GroupNorm -> act`` over feature-map
-  tokens ``(C, H, W)`` (the routed-convolution setting of CondConv, Yang et al. 2019, done as
-  sparse routing instead of kernel mixing).
+* `ConvExperts` -- each expert a small conv block ``conv -> norm -> act`` (GroupNorm, BatchNorm or
+  none; the activation optional) over feature-map tokens ``(C, H, W)``, one routing decision per
+  feature map (the routed-convolution setting of CondConv, Yang et al. 2019, done as sparse routing
+  instead of kernel mixing). A backbone's own block (conv-BN-act, a residual block) goes in
+  `ModuleExperts` with ``feature_dims=3``.
 * `FFN` -- a plain MLP, the shared experts of DeepSeekMoE (Dai et al. 2024).
 
 Every experts module has ``num_experts``, ``feature_dims`` (1 for vectors, 3 for conv feature maps)
@@ -202,11 +204,28 @@ class ModuleExperts(nn.Module):
         return torch.stack([expert(x) for expert, x in zip(self.experts, x_EC, strict=True)], dim=0)
 
 
-class ConvExperts(nn.Module):
-    """E conv blocks ``conv(k x k, same padding) -> GroupNorm (per-sample, optional) -> act``.
+CONV_NORMS = ("group", "batch", None)
+CONV_ACTIVATIONS = ("relu", "gelu", "silu", None)
+BATCH_NORM_MOMENTUM, BATCH_NORM_EPS = 0.1, 1e-5
+"""``norm="batch"``: the running-statistics momentum and epsilon of ``nn.BatchNorm2d``."""
 
-    Tokens are feature maps ``(C_in, H, W)``; every expert maps them to ``(C_out, H, W)``. GroupNorm
-    (not BatchNorm) so an expert's output does not depend on which other tokens it received.
+
+class ConvExperts(nn.Module):
+    """E conv blocks ``conv(k x k, same padding) -> norm (optional) -> act (optional)``.
+
+    Tokens are feature maps ``(C_in, H, W)``; every expert maps them to ``(C_out, H, W)``. In an
+    `MoE` a routing decision is made per token, i.e. per whole feature map: ``x (B, C, H, W)``
+    sends each image to its experts (routed on its spatial mean ``(B, C)`` unless the layer gets a
+    ``router_input``); ``x (B, P, C, h, w)`` routes each of the P maps (e.g. patches) on its own.
+
+    Args:
+        norm: ``"group"`` (GroupNorm with ``norm_groups`` groups, per sample: an expert's output
+            does not depend on which other tokens it received), ``"batch"`` (BatchNorm per expert,
+            as in a ResNet block: in training each expert normalises with the statistics of the
+            maps routed to it in this call and updates its own running statistics, which eval
+            mode uses; the conv then has no bias), or None (no normalisation).
+        activation: ``"relu"``, ``"gelu"``, ``"silu"`` or None (the backbone applies its own).
+
     ``forward`` loops over the E contiguous slices; ``forward_dense`` and ``forward_batched`` are
     one grouped convolution.
     """
@@ -219,8 +238,9 @@ class ConvExperts(nn.Module):
         in_channels: int,
         out_channels: int | None = None,
         kernel_size: int = 3,
+        norm: str | None = "group",
         norm_groups: int = 1,
-        activation: str = "relu",
+        activation: str | None = "relu",
     ) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
@@ -230,39 +250,69 @@ class ConvExperts(nn.Module):
         check_positive_int(kernel_size, "kernel_size")
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (same padding), got {kernel_size}")
-        check_positive_int(norm_groups, "norm_groups", minimum=0)
-        if norm_groups and out_channels % norm_groups:
-            raise ValueError(
-                f"norm_groups must divide out_channels={out_channels}, got {norm_groups} "
-                "(use 0 for no normalisation)"
-            )
-        if activation not in ("relu", "gelu"):
-            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        if norm not in CONV_NORMS:
+            raise ValueError(f"norm must be one of {CONV_NORMS}, got {norm!r}")
+        if norm == "group":
+            if norm_groups == 0:
+                raise ValueError("norm_groups must be >= 1, got 0 (use norm=None for no normalisation)")
+            check_positive_int(norm_groups, "norm_groups")
+            if out_channels % norm_groups:
+                raise ValueError(
+                    f"norm_groups must divide out_channels={out_channels}, got {norm_groups}"
+                )
+        if activation not in CONV_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {CONV_ACTIVATIONS}, got {activation!r}")
         self.num_experts, self.in_channels, self.out_channels = num_experts, in_channels, out_channels
         self.d_model = in_channels
-        self.kernel_size, self.norm_groups, self.activation = kernel_size, norm_groups, activation
+        self.kernel_size, self.norm, self.activation = kernel_size, norm, activation
+        self.norm_groups = norm_groups if norm == "group" else 0
         fan_in = in_channels * kernel_size * kernel_size
         bound = 1.0 / math.sqrt(fan_in)
         self.weight = nn.Parameter(
             torch.empty(num_experts, out_channels, in_channels, kernel_size, kernel_size).uniform_(-bound, bound)
         )
-        self.bias = nn.Parameter(torch.empty(num_experts, out_channels).uniform_(-bound, bound))
-        if norm_groups:
+        if norm == "batch":  # the normalisation removes a per-channel bias
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(torch.empty(num_experts, out_channels).uniform_(-bound, bound))
+        if norm is not None:
             self.norm_weight = nn.Parameter(torch.ones(num_experts, out_channels))
             self.norm_bias = nn.Parameter(torch.zeros(num_experts, out_channels))
         else:
             self.register_parameter("norm_weight", None)
             self.register_parameter("norm_bias", None)
+        if norm == "batch":
+            self.register_buffer("running_mean", torch.zeros(num_experts, out_channels))
+            self.register_buffer("running_var", torch.ones(num_experts, out_channels))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
 
     def extra_repr(self) -> str:
+        groups = f", norm_groups={self.norm_groups}" if self.norm == "group" else ""
         return (
             f"num_experts={self.num_experts}, in_channels={self.in_channels}, "
             f"out_channels={self.out_channels}, kernel_size={self.kernel_size}, "
-            f"norm_groups={self.norm_groups}, activation={self.activation!r}"
+            f"norm={self.norm!r}{groups}, activation={self.activation!r}"
         )
 
     def _act(self, h: Tensor) -> Tensor:
-        return F.relu(h) if self.activation == "relu" else F.gelu(h)
+        if self.activation is None:
+            return h
+        return {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[self.activation](h)
+
+    def _normalise(self, h: Tensor, experts: slice | int, groups: int) -> Tensor:
+        """The norm of ``experts`` (one index, or ``slice(None)`` for all of them stacked along
+        the channels of ``h``); ``groups``: how many experts' channels ``h`` holds."""
+        if self.norm is None:
+            return h
+        weight, bias = self.norm_weight[experts].reshape(-1), self.norm_bias[experts].reshape(-1)
+        if self.norm == "group":
+            return F.group_norm(h, groups * self.norm_groups, weight, bias)
+        return F.batch_norm(  # running statistics updated in place through these views
+            h, self.running_mean[experts].view(-1), self.running_var[experts].view(-1), weight, bias,
+            self.training, BATCH_NORM_MOMENTUM, BATCH_NORM_EPS,
+        )
 
     def _check(self, x: Tensor, where: str) -> None:
         if x.dim() < 4 or x.shape[-3] != self.in_channels:
@@ -272,10 +322,9 @@ class ConvExperts(nn.Module):
             )
 
     def _block(self, x_NCHW: Tensor, e: int) -> Tensor:
-        h = F.conv2d(x_NCHW, self.weight[e], self.bias[e], padding=self.kernel_size // 2)
-        if self.norm_groups:
-            h = F.group_norm(h, self.norm_groups, self.norm_weight[e], self.norm_bias[e])
-        return self._act(h)
+        bias = None if self.bias is None else self.bias[e]
+        h = F.conv2d(x_NCHW, self.weight[e], bias, padding=self.kernel_size // 2)
+        return self._act(self._normalise(h, e, 1))
 
     def _all_experts(self, x_N: Tensor, groups: int) -> Tensor:
         """All experts in one conv: ``groups=1`` runs every expert on ``x_N (N, C_in, H, W)``;
@@ -283,14 +332,11 @@ class ConvExperts(nn.Module):
         Returns ``(N, E*C_out, H, W)``."""
         E, C_out = self.num_experts, self.out_channels
         h = F.conv2d(
-            x_N, self.weight.reshape(E * C_out, *self.weight.shape[2:]), self.bias.reshape(-1),
+            x_N, self.weight.reshape(E * C_out, *self.weight.shape[2:]),
+            None if self.bias is None else self.bias.reshape(-1),
             padding=self.kernel_size // 2, groups=groups,
         )
-        if self.norm_groups:
-            h = F.group_norm(
-                h, E * self.norm_groups, self.norm_weight.reshape(-1), self.norm_bias.reshape(-1)
-            )
-        return self._act(h)
+        return self._act(self._normalise(h, slice(None), E))
 
     def forward(self, x_SCHW: Tensor, counts_E: Tensor) -> Tensor:
         self._check(x_SCHW, "forward")

@@ -6,6 +6,16 @@ ceil(capacity_factor * T * K / E))`` per expert, or dropless (MegaBlocks, Gale e
 ``capacity_factor`` is None. An expert-choice router (Zhou et al. 2022) goes through the same
 sorted dispatch. Shared experts that see every token are DeepSeekMoE's (Dai et al. 2024).
 
+Causal stacks (``causal=True``, decoders): token-choice routing with dropless dispatch decides
+each token on its own, so a position's output never depends on later positions. Expert-choice
+routing (each expert picks among all tokens) and capacity dropping (whether a token's slot is kept
+depends on the other tokens sent to that expert, and C on the number of tokens) mix information
+across the tokens of a batch and leak later positions into earlier ones, so the layer refuses them
+(Soft-MoE likewise, `moe_core.soft_moe`).
+
+`MoETensor` wraps a layer for code that wants a plain tensor back (a Transformer block's FFN slot):
+the layer is its child, so `collect_aux_losses` still finds its ``last_aux_losses``.
+
 Every forward computes the auxiliary losses ``"load_balance"`` (Switch; token choice only),
 ``"z_loss"`` (ST-MoE, Zoph et al. 2022; when the router has logits) and ``"importance"`` (CV^2 of
 the combine weights, Shazeer et al. 2017), keeps them in ``self.last_aux_losses`` (for
@@ -57,6 +67,10 @@ class MoE(nn.Module):
         min_capacity: lower bound of C.
         track_stats: compute `RoutingStats` each call (one small device -> host copy; turn it off
             for a graph-break-free ``torch.compile`` of the layer).
+        causal: the layer sits in a causal stack (a decoder): a position's output must not depend
+            on later positions. Expert-choice routers and a ``capacity_factor`` are then refused
+            with a ValueError (both mix the tokens of a batch); token-choice dropless routing is
+            causal.
     """
 
     def __init__(
@@ -67,8 +81,23 @@ class MoE(nn.Module):
         capacity_factor: float | None = None,
         min_capacity: int = 1,
         track_stats: bool = True,
+        causal: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(causal, bool):
+            raise ValueError(f"causal must be True or False, got {causal!r}")
+        if causal and getattr(router, "is_expert_choice", False):
+            raise ValueError(
+                f"MoE(causal=True) cannot use {type(router).__name__}: expert-choice routing picks "
+                "each expert's tokens among the whole batch, so later positions change earlier "
+                "outputs; use a token-choice router (TopKRouter, SwitchRouter, HashRouter, ...)"
+            )
+        if causal and capacity_factor is not None:
+            raise ValueError(
+                f"MoE(causal=True) needs capacity_factor=None (dropless), got {capacity_factor!r}: "
+                "with a capacity, whether a token is dropped depends on the other tokens of the "
+                "batch, later positions included"
+            )
         if not isinstance(router, nn.Module):
             raise ValueError(f"router must be an nn.Module returning Routing, got {type(router).__name__}")
         if not isinstance(experts, nn.Module) or not all(
@@ -104,13 +133,14 @@ class MoE(nn.Module):
         check_positive_int(min_capacity, "min_capacity")
         self.router, self.experts, self.shared_experts = router, experts, shared_experts
         self.capacity_factor, self.min_capacity = capacity_factor, min_capacity
-        self.track_stats = track_stats
+        self.track_stats, self.causal = track_stats, causal
         self.num_experts = experts.num_experts
         self.last_aux_losses: dict[str, Tensor] | None = None
         self.last_stats: RoutingStats | None = None
 
     def extra_repr(self) -> str:
-        return f"capacity_factor={self.capacity_factor}, min_capacity={self.min_capacity}"
+        causal = ", causal=True" if self.causal else ""
+        return f"capacity_factor={self.capacity_factor}, min_capacity={self.min_capacity}{causal}"
 
     def capacity(self, num_tokens: int, top_k: int) -> int | None:
         """Tokens per expert for ``num_tokens`` tokens with ``top_k`` choices (None = dropless)."""
@@ -177,6 +207,11 @@ class MoE(nn.Module):
         routing = self.router(r_T, token_ids_T=ids_T)
         if not isinstance(routing, Routing):
             raise ValueError(f"MoE: the router must return a Routing, got {type(routing).__name__}")
+        if self.causal and routing.is_expert_choice:
+            raise ValueError(
+                f"MoE(causal=True): {type(self.router).__name__} returned an expert-choice Routing, "
+                "which mixes the tokens of a batch; use a token-choice router"
+            )
         if routing.num_experts != self.num_experts:
             raise ValueError(
                 f"MoE: the router produced probs over {routing.num_experts} experts, the layer has "
@@ -210,3 +245,29 @@ class MoE(nn.Module):
             aux["z_loss"] = router_z_loss(routing.logits_TE)
         aux["importance"] = importance_loss(dense_gates(routing))
         return aux
+
+
+class MoETensor(nn.Module):
+    """``MoETensor(layer)(x, **kwargs) -> layer(x, **kwargs).output``: an MoE layer (`MoE`,
+    `SoftMoE`) where code wants a plain tensor, e.g. the FFN of a Transformer block.
+
+    The wrapped layer is a child module, so `moe_core.losses.collect_aux_losses` on the model still
+    sums its ``last_aux_losses``, and ``layer.last_stats`` holds its routing statistics.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(layer, nn.Module) or not hasattr(layer, "last_aux_losses"):
+            raise ValueError(
+                f"MoETensor: layer must be an MoE layer returning MoEOutput (MoE, SoftMoE), "
+                f"got {type(layer).__name__}"
+            )
+        self.layer = layer
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        out = self.layer(x, **kwargs)
+        if not isinstance(out, MoEOutput):
+            raise ValueError(
+                f"MoETensor: {type(self.layer).__name__} returned {type(out).__name__}, not MoEOutput"
+            )
+        return out.output

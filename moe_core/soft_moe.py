@@ -12,7 +12,8 @@ a weighted average of all the tokens of one sequence:
 
 Everything is differentiable, no token is dropped and no balance loss is needed (``aux_losses`` is
 ``{}``). Soft-MoE mixes the tokens *within* a sequence (never across the batch), so it is not
-causal: use it in encoders (ViT, a translation encoder), not in an autoregressive decoder.
+causal: use it in encoders (ViT, a translation encoder), not in an autoregressive decoder
+(``SoftMoE(..., causal=True)`` raises a ValueError that says so).
 
 Normalization (``normalize=True``, Sec. 2.3 of the paper, for large D): the logits become
 ``scale * <x / ||x||, phi / ||phi||>`` with the L2 norms over D and a learned scalar ``scale``
@@ -51,6 +52,10 @@ class SoftMoE(nn.Module):
         slots_per_expert: S.
         normalize: the paper's L2 normalization of tokens and slot parameters with a learned scale.
         track_stats: compute `RoutingStats` every call (one small device -> host copy).
+        causal: must stay False: every slot averages all the tokens of a sequence, so a position's
+            output depends on later positions; True raises a ValueError (the same flag as
+            ``MoE(causal=...)``, so a model builder can pass it to either layer). In a decoder use
+            ``MoE(token-choice router, capacity_factor=None, causal=True)``.
     """
 
     def __init__(
@@ -60,8 +65,16 @@ class SoftMoE(nn.Module):
         slots_per_expert: int = 1,
         normalize: bool = False,
         track_stats: bool = True,
+        causal: bool = False,
     ) -> None:
         super().__init__()
+        if causal is not False:
+            raise ValueError(
+                f"SoftMoE cannot be causal (got causal={causal!r}): every slot is a weighted "
+                "average over all the tokens of a sequence, so later positions change earlier "
+                "outputs; use MoE(router=TopKRouter(...), ..., capacity_factor=None, causal=True) "
+                "in a decoder"
+            )
         check_positive_int(d_model, "d_model")
         check_positive_int(slots_per_expert, "slots_per_expert")
         num_experts = getattr(experts, "num_experts", None)

@@ -235,7 +235,7 @@ def test_bf16_input() -> None:
 
 def test_conv_experts_route_feature_maps() -> None:
     torch.manual_seed(6)
-    experts = ConvExperts(E, in_channels=3, out_channels=5, norm_groups=0)
+    experts = ConvExperts(E, in_channels=3, out_channels=5, norm=None)
     layer = MoE(SwitchRouter(3, E), experts, capacity_factor=2.0)
     x = torch.randn(2, 3, 3, 4, 4, requires_grad=True)  # (B, N, C, H, W)
     out = layer(x)
