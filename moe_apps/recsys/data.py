@@ -14,7 +14,13 @@ history, so training rows look like test rows; training batches may also drop ea
 movie at random (``history_dropout``, a regulariser). Two dense features: log1p of the user's and the
 movie's number of fit ratings (again without the rating itself).
 
-Shapes: B ratings in a batch, T tasks, F dense features, V jagged values.
+Rows may also be (user, movie) pairs the user did not rate (rating 0, drawn by
+`moe_apps.recsys.implicit`): only tasks with an implicit target (``rated``) have a label there, so
+a batch carries a per-task mask. `CandidateBatch` scores users against many movies at once: the
+user-side and movie-side features are looked up once per user and once per movie and paired by
+index (what full ranking and the exported model use; equal to `make_batch` for unfitted rows).
+
+Shapes: B ratings in a batch, T tasks, F dense features, V jagged values, U users, I movies.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ from moe_apps.datasets import MovieLensData, Ratings
 from moe_apps.recsys.config import OFFICIAL_SPLITS, SPLITS, TARGETS, TaskSpec
 
 SPARSE_FEATURES = ("user", "item", "gender", "age", "occupation", "zip", "year", "genres", "history")
+USER_SIDE = ("user", "gender", "age", "occupation", "zip", "history")
+ITEM_SIDE = ("item", "year", "genres")
+#: targets defined on a pair the user did not rate (rating 0); every other task is masked there.
+IMPLICIT_TARGETS = ("rated",)
 AGE_EDGES = (18, 25, 35, 45, 50, 56)  # ML-1M's age groups; ML-100K ages (years) fall in the same
 YEAR_BUCKETS = 18  # 0 unknown, 1 = before 1925, then 5-year buckets up to 1995+
 TEST_FRACTION = 0.2
@@ -179,10 +189,13 @@ class RecsysBatch:
     targets_BT: Tensor  # float32, one column per task
     user_B: Tensor
     item_B: Tensor
+    mask_BT: Tensor | None = None  # bool, False where a task has no label (unrated pairs); None = all
 
     def to(self, device: torch.device | str) -> RecsysBatch:
+        mask = None if self.mask_BT is None else self.mask_BT.to(device)
         return RecsysBatch(self.sparse.to(device), self.dense_BF.to(device),
-                           self.targets_BT.to(device), self.user_B.to(device), self.item_B.to(device))
+                           self.targets_BT.to(device), self.user_B.to(device), self.item_B.to(device),
+                           mask)
 
     def __len__(self) -> int:
         return len(self.user_B)
@@ -193,6 +206,8 @@ def make_batch(features: Features, tasks: Sequence[TaskSpec], user_B: Tensor, it
                history_dropout: float = 0.0, generator: torch.Generator | None = None) -> RecsysBatch:
     """One batch; ``in_fit_B`` (bool) marks rows whose rating is in the fit part, whose movie is
     then left out of the history and whose counts are lowered by one (default: all False).
+    A rating of 0 marks a pair the user did not rate: only `IMPLICIT_TARGETS` tasks are labelled
+    there (``mask_BT``).
     ``history_dropout`` drops each history movie with that probability (training-time
     regularisation, like the node dropout of GC-MC, van den Berg et al. 2017)."""
     in_fit_B = torch.zeros(len(user_B), dtype=torch.bool) if in_fit_B is None else in_fit_B
@@ -209,11 +224,67 @@ def make_batch(features: Features, tasks: Sequence[TaskSpec], user_B: Tensor, it
     own = in_fit_B.to(torch.int64)
     dense_BF = torch.stack([torch.log1p((features.user_count[user_B] - own).float()),
                             torch.log1p((features.item_count[item_B] - own).float())], 1) / 5.0
+    mask_BT = None
     if rating_B is None:
         targets_BT = torch.zeros(len(user_B), len(tasks))
     else:
         targets_BT = torch.stack([torch.as_tensor(TARGETS[t.target](rating_B)) for t in tasks], 1)
-    return RecsysBatch(sparse, dense_BF, targets_BT.float(), user_B, item_B)
+        rated_B = torch.as_tensor(rating_B > 0)
+        if not bool(rated_B.all()):
+            mask_BT = torch.stack([torch.ones_like(rated_B) if t.target in IMPLICIT_TARGETS
+                                   else rated_B for t in tasks], 1)
+    return RecsysBatch(sparse, dense_BF, targets_BT.float(), user_B, item_B, mask_BT)
+
+
+@dataclass(frozen=True)
+class CandidateBatch:
+    """Pairs of U users and I movies whose features are looked up once per user / movie.
+
+    ``user_sparse`` has U rows with ids only for `USER_SIDE` features (the others empty),
+    ``item_sparse`` I rows with ids only for `ITEM_SIDE`; pair b is (``pair_user_B[b]``,
+    ``pair_item_B[b]``), row indices into them. Rows are scored as unfitted (held-out) pairs."""
+
+    user_sparse: KeyedJaggedTensor
+    item_sparse: KeyedJaggedTensor
+    user_dense_U: Tensor  # float32, log1p(fit ratings of the user) / 5
+    item_dense_I: Tensor
+    pair_user_B: Tensor
+    pair_item_B: Tensor
+
+    def to(self, device: torch.device | str) -> CandidateBatch:
+        return CandidateBatch(*(getattr(self, f).to(device) for f in (
+            "user_sparse", "item_sparse", "user_dense_U", "item_dense_I", "pair_user_B", "pair_item_B")))
+
+    def __len__(self) -> int:
+        return len(self.pair_user_B)
+
+
+def _side_kjt(columns: dict[str, tuple[Tensor, Tensor]], rows: int) -> KeyedJaggedTensor:
+    """A KJT over every sparse feature: ``columns`` maps a feature to (values, lengths); the rest empty."""
+    empty = torch.zeros(rows, dtype=torch.int64)
+    values = torch.cat([columns[f][0] for f in SPARSE_FEATURES if f in columns])
+    lengths = torch.cat([columns[f][1] if f in columns else empty for f in SPARSE_FEATURES])
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(SPARSE_FEATURES), values=values,
+                                               lengths=lengths.to(torch.int64))
+
+
+def candidate_batch(features: Features, user_U: Tensor, item_I: Tensor,
+                    pairs: tuple[Tensor, Tensor] | None = None) -> CandidateBatch:
+    """Users ``user_U`` x movies ``item_I`` (dense indices): every pair (user-major), or the given
+    ``pairs`` of row indices."""
+    ones_U, ones_I = torch.ones_like(user_U), torch.ones_like(item_I)
+    hist_V, hist_len_U = features.history.gather(user_U)
+    genre_V, genre_len_I = features.genres.gather(item_I)
+    user_cols = {"user": (user_U, ones_U), "history": (hist_V, hist_len_U),
+                 **{k: (features.user_ids[k][user_U], ones_U) for k in ("gender", "age", "occupation", "zip")}}
+    item_cols = {"item": (item_I, ones_I), "year": (features.item_year[item_I], ones_I),
+                 "genres": (genre_V, genre_len_I)}
+    if pairs is None:
+        pairs = (torch.arange(len(user_U)).repeat_interleave(len(item_I)),
+                 torch.arange(len(item_I)).repeat(len(user_U)))
+    return CandidateBatch(_side_kjt(user_cols, len(user_U)), _side_kjt(item_cols, len(item_I)),
+                          torch.log1p(features.user_count[user_U].float()) / 5.0,
+                          torch.log1p(features.item_count[item_I].float()) / 5.0, *pairs)
 
 
 class RatingBatches:

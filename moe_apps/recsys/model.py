@@ -26,10 +26,10 @@ from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from moe_apps.recsys.config import ModelConfig, TaskSpec
-from moe_apps.recsys.data import SPARSE_FEATURES, RecsysBatch
+from moe_apps.recsys.data import ITEM_SIDE, SPARSE_FEATURES, USER_SIDE, CandidateBatch, RecsysBatch
 from moe_core.multigate import PLE, MMoE
 
 MEAN_POOLED = ("genres", "history")
@@ -79,13 +79,35 @@ class FeatureEncoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.d_out = d * (len(SPARSE_FEATURES) + 1) + NUM_DENSE
 
-    def forward(self, batch: RecsysBatch) -> tuple[Tensor, Tensor, Tensor]:
-        pooled = self.embeddings(batch.sparse).to_dict()
+    def forward(self, batch: RecsysBatch | CandidateBatch) -> tuple[Tensor, Tensor, Tensor]:
+        if isinstance(batch, CandidateBatch):
+            user, item = self.side_tables(batch.user_sparse, batch.item_sparse)
+            u_B, i_B = batch.pair_user_B, batch.pair_item_B
+            pooled = {f: user[f][u_B] for f in USER_SIDE} | {f: item[f][i_B] for f in ITEM_SIDE}
+            bias_BT = user["bias"][u_B] + item["bias"][i_B]
+            dense_BF = torch.stack([batch.user_dense_U[u_B], batch.item_dense_I[i_B]], 1)
+        else:
+            pooled = self.embeddings(batch.sparse).to_dict()
+            biases = self.biases(batch.sparse).to_dict()
+            bias_BT, dense_BF = biases["user"] + biases["item"], batch.dense_BF
+        return self.combine(pooled, bias_BT, dense_BF)
+
+    def side_tables(self, user_sparse: KeyedJaggedTensor,
+                    item_sparse: KeyedJaggedTensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Pooled `USER_SIDE` embeddings and user biases per row of ``user_sparse`` (U rows), and
+        the `ITEM_SIDE` ones of ``item_sparse`` (I rows); key ``bias`` holds the ``(rows, T)`` biases."""
+        user = self.embeddings(user_sparse).to_dict()
+        item = self.embeddings(item_sparse).to_dict()
+        user = {f: user[f] for f in USER_SIDE} | {"bias": self.biases(user_sparse).to_dict()["user"]}
+        item = {f: item[f] for f in ITEM_SIDE} | {"bias": self.biases(item_sparse).to_dict()["item"]}
+        return user, item
+
+    def combine(self, pooled: dict[str, Tensor], bias_BT: Tensor,
+                dense_BF: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(``x_BD``, ``bias_BT``, L2 term) from the pooled embeddings of every sparse feature."""
         user_BD, item_BD, history_BD = pooled["user"], pooled["item"], pooled["history"]
         interaction_BD = (user_BD + history_BD) * item_BD
-        x_BD = torch.cat([*(pooled[f] for f in SPARSE_FEATURES), interaction_BD, batch.dense_BF], 1)
-        biases = self.biases(batch.sparse).to_dict()
-        bias_BT = biases["user"] + biases["item"]
+        x_BD = torch.cat([*(pooled[f] for f in SPARSE_FEATURES), interaction_BD, dense_BF], 1)
         sq = (user_BD.square().sum(1) + item_BD.square().sum(1) + history_BD.square().sum(1)
               + bias_BT.square().sum(1)).mean()
         return self.dropout(x_BD), bias_BT, sq
@@ -141,8 +163,11 @@ class MultiTaskRecommender(nn.Module):
         self.expert_dropout = nn.Dropout(config.dropout)
         self.heads = Heads(tasks, d_head, config.tower_dim)
 
-    def forward(self, batch: RecsysBatch) -> RecsysOutput:
-        x_BD, bias_BT, sq = self.encoder(batch)
+    def forward(self, batch: RecsysBatch | CandidateBatch) -> RecsysOutput:
+        return self.from_encoded(*self.encoder(batch))
+
+    def from_encoded(self, x_BD: Tensor, bias_BT: Tensor, sq: Tensor) -> RecsysOutput:
+        """Bottom and heads on encoded features (the exported model enters here)."""
         gates = None
         if self.kind == "shared-bottom":
             outputs = [self.bottom(x_BD)] * len(self.tasks)
@@ -164,8 +189,12 @@ class SingleTaskModels(nn.Module):
             MultiTaskRecommender(config, (task,), "shared-bottom") for task in config.tasks
         )
 
-    def forward(self, batch: RecsysBatch) -> RecsysOutput:
-        outs = [net(batch) for net in self.nets]
+    def forward(self, batch: RecsysBatch | CandidateBatch) -> RecsysOutput:
+        return self.merge([net(batch) for net in self.nets])
+
+    @staticmethod
+    def merge(outs: list[RecsysOutput]) -> RecsysOutput:
+        """The per-task networks' outputs as one multi-task output."""
         return RecsysOutput(
             logits_BT=torch.cat([o.logits_BT for o in outs], 1),
             predictions_BT=torch.cat([o.predictions_BT for o in outs], 1),

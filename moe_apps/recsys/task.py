@@ -6,6 +6,9 @@ the logit (binary tasks) or the mean squared error of the prediction (regression
 L2 of matrix factorisation). Metrics come from scikit-learn: ROC AUC and log loss for binary tasks,
 RMSE and MAE for regression tasks, plus the weighted validation ``loss`` and, for models with
 gates, the mean gate weight per task and expert (``gate_<task>_<expert>``: expert utilisation).
+A batch's ``mask_BT`` (pairs the user did not rate: only the implicit ``rated`` task has a label)
+restricts each task's loss and metrics to its labelled rows. With a ``ranker`` the evaluation also
+ranks the whole catalogue (`moe_apps.recsys.ranking`: ``ndcg@10``, ``recall@10``, ...).
 
 Shape legend: B batch, T tasks, E_t experts of task t's gate.
 """
@@ -13,7 +16,7 @@ Shape legend: B batch, T tasks, E_t experts of task t's gate.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +35,7 @@ class Predictions:
     targets_BT: np.ndarray
     predictions_BT: np.ndarray
     gate_means: list[np.ndarray] | None  # per task, (E_t,) mean gate weight over the set
+    mask_BT: np.ndarray | None = None  # bool, where each task has a label (None = everywhere)
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
@@ -50,9 +54,10 @@ def regression_metrics(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     return (float(np.sqrt(mean_squared_error(y, p))), float(mean_absolute_error(y, p)))
 
 
-def task_metrics(tasks: Sequence[TaskSpec], targets_BT: np.ndarray,
-                 predictions_BT: np.ndarray) -> dict[str, float]:
-    """``{<task>_auc, <task>_logloss | <task>_rmse, <task>_mae, ..., loss}`` over a whole set."""
+def task_metrics(tasks: Sequence[TaskSpec], targets_BT: np.ndarray, predictions_BT: np.ndarray,
+                 mask_BT: np.ndarray | None = None) -> dict[str, float]:
+    """``{<task>_auc, <task>_logloss | <task>_rmse, <task>_mae, ..., loss}`` over a whole set
+    (each task over its labelled rows of ``mask_BT``; nan for a task without any)."""
     if targets_BT.shape != predictions_BT.shape or targets_BT.shape[1:] != (len(tasks),):
         raise ValueError(
             f"targets {targets_BT.shape} and predictions {predictions_BT.shape} must both be "
@@ -64,39 +69,52 @@ def task_metrics(tasks: Sequence[TaskSpec], targets_BT: np.ndarray,
     loss = 0.0
     for t, spec in enumerate(tasks):
         y, p = targets_BT[:, t].astype(np.float64), predictions_BT[:, t].astype(np.float64)
+        if mask_BT is not None:
+            y, p = y[mask_BT[:, t]], p[mask_BT[:, t]]
+        names = spec.metric_names
+        if len(y) == 0:
+            metrics[names[0]], metrics[names[1]] = math.nan, math.nan
+            continue
         if spec.kind == "binary":
             first, second = binary_metrics(y, p)
             loss += spec.loss_weight * second
         else:
             first, second = regression_metrics(y, p)
             loss += spec.loss_weight * first**2
-        names = spec.metric_names
         metrics[names[0]], metrics[names[1]] = first, second
     metrics["loss"] = loss
     return metrics
 
 
 def task_losses(tasks: Sequence[TaskSpec], logits_BT: Tensor, predictions_BT: Tensor,
-                targets_BT: Tensor) -> list[Tensor]:
-    """Unweighted per-task losses: BCE-with-logits (binary) or MSE (regression)."""
+                targets_BT: Tensor, mask_BT: Tensor | None = None) -> list[Tensor]:
+    """Unweighted per-task losses: BCE-with-logits (binary) or MSE (regression), each the mean
+    over the rows where the task has a label (``mask_BT``; all rows if None, 0 if none)."""
     losses = []
     for t, spec in enumerate(tasks):
         if spec.kind == "binary":
-            losses.append(F.binary_cross_entropy_with_logits(logits_BT[:, t].float(),
-                                                             targets_BT[:, t]))
+            per_row = F.binary_cross_entropy_with_logits(logits_BT[:, t].float(), targets_BT[:, t],
+                                                         reduction="none")
         else:
-            losses.append(F.mse_loss(predictions_BT[:, t].float(), targets_BT[:, t]))
+            per_row = (predictions_BT[:, t].float() - targets_BT[:, t]).square()
+        if mask_BT is None:
+            losses.append(per_row.mean())
+        else:
+            weight = mask_BT[:, t].float()
+            losses.append((per_row * weight).sum() / weight.sum().clamp(min=1.0))
     return losses
 
 
 @torch.no_grad()
 def predict(model: nn.Module, batches: Iterable[RecsysBatch]) -> Predictions:
     """Run ``model`` over ``batches`` (already on the model's device) and gather everything."""
-    targets, predictions, gate_sums, count = [], [], None, 0
+    targets, predictions, masks, gate_sums, count = [], [], [], None, 0
     for batch in batches:
         out = model(batch)
         targets.append(batch.targets_BT.float().cpu())
         predictions.append(out.predictions_BT.float().cpu())
+        masks.append(torch.ones_like(batch.targets_BT, dtype=torch.bool).cpu()
+                     if batch.mask_BT is None else batch.mask_BT.cpu())
         if out.gate_weights is not None:
             sums = [g.float().sum(0).cpu() for g in out.gate_weights]
             gate_sums = sums if gate_sums is None else [a + b for a, b in zip(gate_sums, sums, strict=True)]
@@ -104,7 +122,9 @@ def predict(model: nn.Module, batches: Iterable[RecsysBatch]) -> Predictions:
     if count == 0:
         raise ValueError("no batches to evaluate (empty validation or test part)")
     gate_means = None if gate_sums is None else [(g / count).numpy() for g in gate_sums]
-    return Predictions(torch.cat(targets).numpy(), torch.cat(predictions).numpy(), gate_means)
+    mask = torch.cat(masks)
+    return Predictions(torch.cat(targets).numpy(), torch.cat(predictions).numpy(), gate_means,
+                       None if bool(mask.all()) else mask.numpy())
 
 
 def gate_metrics(tasks: Sequence[TaskSpec], gate_means: list[np.ndarray] | None,
@@ -123,14 +143,19 @@ class RecsysTask:
     """Implements the `moe_apps.training.Task` protocol for the recsys models."""
 
     def __init__(self, tasks: Sequence[TaskSpec], embedding_l2: float,
-                 gate_labels: list[list[str]] | None = None) -> None:
+                 gate_labels: list[list[str]] | None = None,
+                 ranker: Callable[[nn.Module], dict[str, float]] | None = None) -> None:
+        """``ranker(model)``, if given, adds full-ranking metrics to every evaluation (validation
+        included, so ``ndcg@10`` can be monitored)."""
         if embedding_l2 < 0:
             raise ValueError(f"embedding_l2 must be >= 0, got {embedding_l2}")
         self.tasks, self.embedding_l2, self.gate_labels = tuple(tasks), embedding_l2, gate_labels
+        self.ranker = ranker
 
     def training_loss(self, model: nn.Module, batch: RecsysBatch) -> tuple[Tensor, dict[str, Tensor]]:
         out = model(batch)
-        losses = task_losses(self.tasks, out.logits_BT, out.predictions_BT, batch.targets_BT)
+        losses = task_losses(self.tasks, out.logits_BT, out.predictions_BT, batch.targets_BT,
+                             batch.mask_BT)
         loss = sum(spec.loss_weight * value for spec, value in zip(self.tasks, losses, strict=True))
         loss = loss + self.embedding_l2 * out.embedding_sq
         logs = {f"{spec.name}_loss": v.detach() for spec, v in zip(self.tasks, losses, strict=True)}
@@ -138,6 +163,8 @@ class RecsysTask:
 
     def evaluate(self, model: nn.Module, batches: Iterable[RecsysBatch]) -> dict[str, float]:
         result = predict(model, batches)
-        metrics = task_metrics(self.tasks, result.targets_BT, result.predictions_BT)
+        metrics = task_metrics(self.tasks, result.targets_BT, result.predictions_BT, result.mask_BT)
         metrics.update(gate_metrics(self.tasks, result.gate_means, self.gate_labels))
+        if self.ranker is not None:
+            metrics.update(self.ranker(model))
         return metrics

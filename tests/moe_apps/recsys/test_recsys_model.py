@@ -138,7 +138,7 @@ def test_task_losses_and_weights() -> None:
     # RecsysTask weights them: sum_t w_t * L_t + embedding_l2 * embedding_sq
     out = RecsysOutput(logits, preds, None, torch.tensor(3.0))
     tasks = (replace(LIKE, loss_weight=2.0), replace(RATING, loss_weight=0.5))
-    loss, logs = RecsysTask(tasks, 0.1).training_loss(lambda batch: out, SimpleNamespace(targets_BT=targets))
+    loss, logs = RecsysTask(tasks, 0.1).training_loss(lambda batch: out, SimpleNamespace(targets_BT=targets, mask_BT=None))
     assert float(loss) == pytest.approx(2.0 * by_hand_bce + 0.5 * by_hand_mse + 0.1 * 3.0, rel=1e-6)
     assert {k: float(v) for k, v in logs.items()} == pytest.approx(
         {"like_loss": by_hand_bce, "rating_loss": by_hand_mse}, rel=1e-6)

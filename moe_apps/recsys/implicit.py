@@ -1,0 +1,99 @@
+"""Implicit feedback over the whole catalogue: every rating is a positive of the ``rated`` task,
+and movies the user did not rate are drawn afresh each epoch as its negatives.
+
+This is the entire-space sample of ESMM (Ma et al. 2018, "Entire Space Multi-Task Model"): the
+``rate`` task (did the user rate this movie at all; ESMM's click) is learned over rated and
+unrated pairs, while ``like`` (rating >= 4; ESMM's conversion) and the rating regression are
+labelled only on rated pairs (the batch mask). ``negatives`` unrated movies are drawn per rating,
+uniformly over the movies that user did not rate in ``seen_UI`` (rejection sampling; the same
+user, so both classes have the same user mix). The draw depends only on the seed, e.g.
+``(run seed, epoch)``: a fresh set each epoch, the same set again on resume.
+
+Shapes: N rows (ratings + negatives), U users, I movies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moe_apps.datasets import Ratings
+from moe_apps.recsys.config import TaskSpec
+from moe_apps.recsys.data import Features, RecsysBatch, make_batch
+
+REJECTION_ROUNDS = 30
+
+
+def sample_unrated(seen_UI: Tensor, user_N: Tensor, generator: torch.Generator) -> Tensor:
+    """For each ``user_N[n]`` one movie that user has not rated (uniform over those movies).
+
+    Rejection sampling; the rare rows still on a rated movie after `REJECTION_ROUNDS` rounds take
+    the user's first unrated movie. ValueError if a user has rated every movie."""
+    num_items = seen_UI.shape[1]
+    full = seen_UI[user_N].all(1) if len(user_N) else torch.zeros(0, dtype=torch.bool)
+    if bool(full.any()):
+        raise ValueError(f"user index {int(user_N[full][0])} has rated every movie: no unrated movie "
+                         "to sample; leave such users out of the implicit task")
+    item_N = torch.randint(num_items, (len(user_N),), generator=generator)
+    for _ in range(REJECTION_ROUNDS):
+        bad = seen_UI[user_N, item_N]
+        if not bool(bad.any()):
+            return item_N
+        item_N[bad] = torch.randint(num_items, (int(bad.sum()),), generator=generator)
+    bad = seen_UI[user_N, item_N]
+    item_N[bad] = (~seen_UI[user_N[bad]]).int().argmax(1)
+    return item_N
+
+
+class ImplicitBatches:
+    """Batches of ``ratings`` (positives, rating > 0) mixed with ``negatives`` unrated pairs per
+    rating (rating 0), shuffled; sized, built lazily, the same for the same ``seed``.
+
+    ``in_fit`` says whether the positives belong to the fit part (their movie then leaves their
+    history); negatives never do. ``seen_UI``: the movies that count as rated for sampling (the
+    training part for training; the training part plus ``ratings`` for validation)."""
+
+    def __init__(self, features: Features, tasks: Sequence[TaskSpec], ratings: Ratings,
+                 batch_size: int, *, negatives: int, seen_UI: Tensor, seed: Sequence[int],
+                 in_fit: bool, history_dropout: float = 0.0) -> None:
+        if len(ratings) == 0:
+            raise ValueError("cannot make batches from an empty set of ratings")
+        if not isinstance(negatives, int) or negatives < 0:
+            raise ValueError(f"negatives per rating must be an integer >= 0, got {negatives!r}")
+        if not 0.0 <= history_dropout < 1.0:
+            raise ValueError(f"history_dropout must be in [0, 1), got {history_dropout}")
+        self.features, self.tasks, self.ratings = features, tuple(tasks), ratings
+        self.batch_size, self.negatives, self.seen_UI = batch_size, negatives, seen_UI
+        self.seed, self.in_fit, self.history_dropout = tuple(seed), in_fit, history_dropout
+
+    def __len__(self) -> int:
+        return -(-len(self.ratings) * (1 + self.negatives) // self.batch_size)
+
+    def rows(self) -> tuple[Tensor, Tensor, np.ndarray, Tensor]:
+        """(user_N, item_N, rating_N, in_fit_N) of the epoch, shuffled (negatives have rating 0)."""
+        generator = torch.Generator().manual_seed(
+            int(np.random.default_rng(list(self.seed)).integers(2**62)))
+        user_P = torch.as_tensor(self.ratings.user, dtype=torch.int64)
+        item_P = torch.as_tensor(self.ratings.item, dtype=torch.int64)
+        user_M = user_P.repeat(self.negatives)
+        item_M = sample_unrated(self.seen_UI, user_M, generator)
+        user_N, item_N = torch.cat([user_P, user_M]), torch.cat([item_P, item_M])
+        rating_N = np.concatenate([self.ratings.rating.astype(np.float32),
+                                   np.zeros(len(user_M), dtype=np.float32)])
+        in_fit_N = torch.cat([torch.full((len(user_P),), self.in_fit),
+                              torch.zeros(len(user_M), dtype=torch.bool)])
+        order = torch.randperm(len(user_N), generator=generator)
+        return user_N[order], item_N[order], rating_N[order.numpy()], in_fit_N[order]
+
+    def __iter__(self) -> Iterator[RecsysBatch]:
+        user_N, item_N, rating_N, in_fit_N = self.rows()
+        generator = torch.Generator().manual_seed(
+            int(np.random.default_rng([*self.seed, 1]).integers(2**62)))
+        for start in range(0, len(user_N), self.batch_size):
+            part = slice(start, start + self.batch_size)
+            yield make_batch(self.features, self.tasks, user_N[part], item_N[part], rating_N[part],
+                             in_fit_B=in_fit_N[part], history_dropout=self.history_dropout,
+                             generator=generator)

@@ -1,0 +1,126 @@
+"""Protocol parts (temporal validation, the recbole split), negative sampling, candidate batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from recsys_synthetic import hand_data
+
+from moe_apps.datasets import MovieLensData, Ratings
+from moe_apps.recsys.config import LIKE, RATING, ModelConfig, RecsysConfig, with_vocab
+from moe_apps.recsys.data import build_features, candidate_batch, make_batch
+from moe_apps.recsys.implicit import ImplicitBatches, sample_unrated
+from moe_apps.recsys.model import build_model
+from moe_apps.recsys.ranking import interaction_matrix
+from moe_apps.recsys.splits import protocol_parts, recbole_split
+
+
+def _random_data(num_users: int = 40, num_items: int = 60, per_user: int = 25, seed: int = 0) -> MovieLensData:
+    rng = np.random.default_rng(seed)
+    user = np.repeat(np.arange(num_users), per_user)
+    item = np.concatenate([rng.choice(num_items, per_user, replace=False) for _ in range(num_users)])
+    ratings = Ratings(user, item, rng.integers(1, 6, len(user)).astype(np.float32),
+                      rng.permutation(len(user)).astype(np.int64))
+    base = hand_data()
+    users = type(base.users)(raw_id=np.arange(1, num_users + 1), gender=np.arange(num_users) % 2,
+                             age=np.full(num_users, 30), occupation=np.zeros(num_users, dtype=np.int64),
+                             zip_code=["55455"] * num_users, occupation_names=["artist"])
+    genres = np.zeros((num_items, 3), dtype=bool)
+    genres[np.arange(num_items), np.arange(num_items) % 3] = True
+    items = type(base.items)(raw_id=np.arange(1, num_items + 1), title=[f"M{i}" for i in range(num_items)],
+                             year=np.full(num_items, 1990), genres=genres, genre_names=["a", "b", "c"])
+    return MovieLensData("movielens-100k", ratings, users, items, {})
+
+
+def _pairs(r: Ratings) -> set[tuple[int, int]]:
+    return set(zip(r.user.tolist(), r.item.tolist(), strict=True))
+
+
+def test_temporal_validation_is_each_users_latest_training_ratings() -> None:
+    data = _random_data()
+    parts = protocol_parts(data, "temporal", seed=0, val_fraction=0.1)
+    assert _pairs(parts.fit) | _pairs(parts.val) == _pairs(parts.train)
+    assert not _pairs(parts.fit) & _pairs(parts.val)
+    for u in range(40):
+        fit_t = parts.fit.timestamp[parts.fit.user == u]
+        val_t = parts.val.timestamp[parts.val.user == u]
+        test_t = parts.test.timestamp[parts.test.user == u]
+        assert len(val_t) == 2  # floor(0.1 * 20 training ratings)
+        assert fit_t.max() < val_t.min() and val_t.max() < test_t.min()
+
+
+def test_random_protocols_keep_a_random_validation_slice() -> None:
+    parts = protocol_parts(_random_data(), "random", seed=0, val_fraction=0.1)
+    assert _pairs(parts.fit) | _pairs(parts.val) == _pairs(parts.train)
+    assert len(parts.val) == round(0.1 * len(parts.train))
+
+
+def test_recbole_split_is_a_seeded_per_user_80_10_10() -> None:
+    data = _random_data(per_user=25)
+    fit, val, test = recbole_split(data.ratings, seed=0)
+    for u in range(40):
+        assert [(p.user == u).sum() for p in (fit, val, test)] == [21, 2, 2]  # floor(2.5) each
+    assert len(_pairs(fit) | _pairs(val) | _pairs(test)) == len(data.ratings)
+    again = recbole_split(data.ratings, seed=0)[2]
+    other = recbole_split(data.ratings, seed=1)[2]
+    assert _pairs(again) == _pairs(test) and _pairs(other) != _pairs(test)
+    parts = protocol_parts(data, "recbole", seed=0, val_fraction=0.05)
+    assert _pairs(parts.train) == _pairs(fit) | _pairs(val)  # validation masked at test time
+    assert _pairs(parts.test) == _pairs(test) and _pairs(parts.val) == _pairs(val)
+
+
+def test_sample_unrated_never_returns_a_rated_movie() -> None:
+    seen = torch.zeros(3, 10, dtype=torch.bool)
+    seen[0, :9] = True  # one unrated movie left: rejection then the fallback must find it
+    seen[1, ::2] = True
+    users = torch.tensor([0] * 50 + [1] * 50 + [2] * 50)
+    items = sample_unrated(seen, users, torch.Generator().manual_seed(0))
+    assert not seen[users, items].any()
+    assert set(items[:50].tolist()) == {9}
+    assert set(items[50:100].tolist()) == {1, 3, 5, 7, 9}
+    seen[2] = True
+    with pytest.raises(ValueError, match="rated every movie"):
+        sample_unrated(seen, users, torch.Generator())
+
+
+def test_implicit_batches_mix_ratings_and_fresh_negatives() -> None:
+    data = _random_data()
+    parts = protocol_parts(data, "u1" if data.folds else "random", seed=0, val_fraction=0.1)
+    features = build_features(data, parts.fit)
+    seen = interaction_matrix(parts.fit, 40, 60)
+
+    def epoch(e: int) -> list:
+        return list(ImplicitBatches(features, (LIKE, RATING), parts.fit, 64, negatives=3,
+                                    seen_UI=seen, seed=(0, e), in_fit=True))
+
+    first = epoch(0)
+    assert len(first) == len(ImplicitBatches(features, (LIKE, RATING), parts.fit, 64, negatives=3,
+                                             seen_UI=seen, seed=(0, 0), in_fit=True))
+    users = torch.cat([b.user_B for b in first])
+    items = torch.cat([b.item_B for b in first])
+    mask = torch.cat([b.mask_BT for b in first])
+    assert len(users) == 4 * len(parts.fit)
+    rated = mask[:, 0]
+    assert int(rated.sum()) == len(parts.fit) and bool((mask[:, 0] == mask[:, 1]).all())
+    assert not seen[users[~rated], items[~rated]].any()  # negatives are unrated movies
+    assert seen[users[rated], items[rated]].all()
+    again = epoch(0)
+    assert torch.equal(torch.cat([b.item_B for b in again]), items)
+    assert not torch.equal(torch.cat([b.item_B for b in epoch(1)]), items)  # afresh each epoch
+
+
+@pytest.mark.parametrize("kind", ["mmoe", "ple", "shared-bottom", "single"])
+def test_candidate_batch_scores_equal_per_rating_batches(kind: str) -> None:
+    data = _random_data()
+    parts = protocol_parts(data, "random", seed=0, val_fraction=0.1)
+    features = build_features(data, parts.fit)
+    config = with_vocab(RecsysConfig(monitor="loss", model=ModelConfig(
+        model=kind, embedding_dim=4, num_experts=3, expert_dim=5, tower_dim=3)), features.vocab)
+    model = build_model(config.model).eval()
+    users, items = torch.tensor([0, 5, 39]), torch.tensor([2, 7, 59, 11])
+    rows = make_batch(features, config.model.tasks, users.repeat_interleave(4), items.repeat(3), None)
+    with torch.no_grad():
+        expected = model(rows).predictions_BT
+        got = model(candidate_batch(features, users, items)).predictions_BT
+    torch.testing.assert_close(got, expected)
