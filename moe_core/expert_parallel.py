@@ -25,7 +25,7 @@ layer over the concatenated batch, from one all-reduce of the per-expert probabi
 z-loss sum and the per-expert gate sums (differentiable) plus the all-gathered assignment counts.
 Autograd through every collective here is the exact gradient of the SUM of the ranks' losses; a
 term every rank adds (the aux losses are the same value on every rank) therefore counts G times:
-with DDP-style averaged gradients (`moe_core.expert_checkpoint.average_gradients`) add the aux
+with DDP-style averaged gradients (`moe_core.expert_parallel_state.average_gradients`) add the aux
 losses as they are; for per-rank shares of one global sum, add ``aux / G``. ``stats`` are the
 group's too (one plain all-reduce).
 
@@ -143,6 +143,8 @@ class ExpertParallelMoE(nn.Module):
         group: the process group the experts are split over (default: the whole world).
         shared_experts, capacity_factor, min_capacity, track_stats: as in `moe_core.MoE`; the
             capacity counts the tokens of the whole group.
+        causal: the layer sits in a causal stack (as `moe_core.MoE`): a capacity and expert-choice
+            routing are refused.
         replica_group: the ranks that hold the same experts (one from each expert-parallel group,
             when several groups run side by side); `average_gradients` averages expert gradients
             over it. None: no other rank holds these experts.
@@ -163,8 +165,15 @@ class ExpertParallelMoE(nn.Module):
         min_capacity: int = 1,
         track_stats: bool = True,
         replica_group: dist.ProcessGroup | None = None,
+        causal: bool = False,
     ) -> None:
         super().__init__()
+        if causal and capacity_factor is not None:
+            raise ValueError(
+                f"ExpertParallelMoE(causal=True) needs capacity_factor=None (dropless), got "
+                f"{capacity_factor!r}: with a capacity, whether a token is dropped depends on the "
+                f"other tokens of the group's batch, later positions included"
+            )
         size, rank = _require_process_group(group)
         owned = local_expert_range(num_experts, size, rank)
         if not isinstance(experts, ExpertBank):
@@ -190,7 +199,7 @@ class ExpertParallelMoE(nn.Module):
         self.capacity_factor, self.min_capacity, self.track_stats = capacity_factor, min_capacity, track_stats
         self.num_experts, self.num_local_experts = num_experts, len(owned)
         self.group, self.group_size, self.group_rank = group, size, rank
-        self.expert_range, self.replica_group = owned, replica_group
+        self.expert_range, self.replica_group, self.causal = owned, replica_group, causal
         self.comm_timer = None
         self.last_aux_losses: dict[str, Tensor] | None = None
         self.last_stats: RoutingStats | None = None
@@ -207,6 +216,7 @@ class ExpertParallelMoE(nn.Module):
             layer.router, shard_expert_bank(layer.experts, owned), num_experts=layer.num_experts,
             group=group, shared_experts=layer.shared_experts, capacity_factor=layer.capacity_factor,
             min_capacity=layer.min_capacity, track_stats=layer.track_stats, replica_group=replica_group,
+            causal=getattr(layer, "causal", False),
         )
 
     def extra_repr(self) -> str:
@@ -246,6 +256,11 @@ class ExpertParallelMoE(nn.Module):
         if not isinstance(routing, Routing) or routing.num_experts != self.num_experts:
             raise ValueError(
                 f"ExpertParallelMoE: the router must return a Routing over {self.num_experts} experts"
+            )
+        if self.causal and routing.is_expert_choice:
+            raise ValueError(
+                "ExpertParallelMoE(causal=True): expert-choice routing mixes the tokens of a batch; "
+                "use a token-choice router"
             )
         routed, kept_S, table = self._dispatch(xr_TD, routing)
         if real_T is not None:

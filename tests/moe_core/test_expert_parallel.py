@@ -19,8 +19,10 @@ from distributed_helpers import (
     run_group,
     scenario_inputs,
 )
+from torch import nn
 
-from moe_core.expert_parallel import local_expert_range
+from moe_core import ExpertBank, TopKRouter
+from moe_core.expert_parallel import ExpertParallelMoE, local_expert_range, shard_expert_bank
 
 WORLD = 2
 TOL = {"atol": 1e-5, "rtol": 0.0}
@@ -135,3 +137,14 @@ def test_benchmark_prints_one_json_object():
     assert report["all_to_all_share"]["1"] == 0.0 and 0 < report["all_to_all_share"]["2"] < 1
     for key in ("outputs_max_abs_diff", "grads_max_abs_diff", "checkpoint_2to1_max_abs_diff"):
         assert report[key] <= 1e-5, (key, report[key])
+
+
+def test_bad_construction_is_one_clear_error():
+    """Checked in this process (no process group here): causal + capacity, then the missing group."""
+    router, bank = TopKRouter(D, 4), ExpertBank(2, D, 4)
+    with pytest.raises(ValueError, match=r"causal=True\) needs capacity_factor=None"):
+        ExpertParallelMoE(router, bank, num_experts=4, capacity_factor=1.0, causal=True)
+    with pytest.raises(ValueError, match="needs an initialised torch.distributed process group"):
+        ExpertParallelMoE(router, bank, num_experts=4)
+    with pytest.raises(ValueError, match="ExpertBank .FFN. experts only"):
+        shard_expert_bank(nn.Linear(D, D), range(0, 1))
