@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moe_core.routing import Routing, check_mask
+from moe_core.checks import check_mask
+from moe_core.routing import Routing
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,10 @@ import math
 
 from torch import Tensor, nn
 
+from moe_core.checks import check_float, check_positive_int, flatten_tokens
 from moe_core.routing import (
     GATE_INIT_STD,  # noqa: F401  (still importable from here, where it used to live)
     Routing,
-    check_float,
-    check_positive_int,
-    flatten_tokens,
     gate_logits,
     new_gate,
 )

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_core.activations import ACTIVATIONS, apply_activation
+from moe_core.checks import check_positive_int
 from moe_core.dispatch import METHODS, expert_ffn_combine
-from moe_core.routing import check_positive_int
 
 
 def _check_activation(activation: str) -> None:

@@ -29,10 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from moe_core.checks import check_float, check_positive_int, describe_tensor
 from moe_core.diagnostics import RoutingStats, routing_stats
 from moe_core.dispatch import dispatch_routing, expert_capacity
 from moe_core.losses import dense_gates, importance_loss, load_balancing_loss, router_z_loss
-from moe_core.routing import Routing, check_float, check_positive_int, describe_tensor
+from moe_core.routing import Routing
 
 
 @dataclass(frozen=True)

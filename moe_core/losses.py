@@ -24,7 +24,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from moe_core.routing import Routing, check_float, check_mask, describe_tensor
+from moe_core.checks import check_float, check_mask, describe_tensor
+from moe_core.routing import Routing
 
 AUX_LOSS_NAMES: tuple[str, ...] = ("load_balance", "z_loss", "importance")
 """The loss names MoE layers put in ``last_aux_losses``; `weighted_aux_loss` accepts only these."""

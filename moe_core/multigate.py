@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_core.checks import check_features, check_positive_int, flatten_tokens
 from moe_core.experts import ModuleExperts
 from moe_core.losses import importance_loss
-from moe_core.routing import check_features, check_positive_int, flatten_tokens
 
 MLP_ACTIVATIONS = ("relu", "gelu")
 

@@ -29,16 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_core.checks import check_float, check_positive_int, describe_tensor, flatten_tokens
 from moe_core.expert_choice import ExpertChoiceRouter
-from moe_core.routing import (
-    Routing,
-    check_float,
-    check_positive_int,
-    describe_tensor,
-    flatten_tokens,
-    gate_logits,
-    new_gate,
-)
+from moe_core.routing import Routing, gate_logits, new_gate
 
 NORMALIZE_CHOICES = ("softmax_then_topk", "topk_then_softmax")
 

@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_core.checks import check_features, check_mask, check_positive_int
 from moe_core.diagnostics import RoutingStats, routing_stats
 from moe_core.layer import MoEOutput
-from moe_core.routing import Routing, check_features, check_mask, check_positive_int
+from moe_core.routing import Routing
 
 
 class SoftMoE(nn.Module):
