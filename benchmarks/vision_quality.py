@@ -1,0 +1,169 @@
+"""Vision quality and speed on CIFAR-10: `moe` against `dense` (equal FLOPs per image) with the same
+preset, epochs and recipe, over seeds; optionally `dense-wide` (moe's parameter count) once.
+
+Each training runs in a fresh child process (so its peak memory is its own): test accuracy with
+the default TTA, training wall time (evaluation excluded), training images/s and the child's
+peak resident memory during training. Then ``--step-time`` times training steps (forward,
+backward, optimizer step, batch 1024, bf16 autocast, channels_last) of moe and dense interleaved
+in one process, for the step-time ratio. Prints a table (``--json``: one JSON object).
+
+    python benchmarks/vision_quality.py --models moe dense --seeds 0 --step-time
+    python benchmarks/vision_quality.py --step-time --no-train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, data_dir: str | None) -> dict:
+    """Train one run in this process and score it; the numbers as a dict."""
+    from moe_apps.vision.config import get_preset, with_overrides
+    from moe_apps.vision.data import make_splits
+    from moe_apps.vision.train import evaluate_model, train
+
+    config = with_overrides(get_preset(preset), model=model, seed=seed, epochs=epochs)
+    outcome = train(config, out, data_dir=data_dir, progress=False, evaluate=False)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    import torch
+
+    from moe_apps.training import load_checkpoint
+    from moe_apps.vision.model import build_model
+    from moe_apps.vision.train import APP, model_config_dict
+
+    net = build_model(config.model)
+    load_checkpoint(out / "checkpoints" / "best.pt", net, app=APP, model_config=model_config_dict(config))
+    data = make_splits(config, data_dir)
+    with torch.no_grad():
+        report = evaluate_model(net.eval(), config, data, out, tta=True)
+    return {"model": model, "seed": seed, "epochs": config.recipe.epochs, "accuracy": report["accuracy"],
+            "train_seconds": outcome.train_seconds, "images_per_second": outcome.images_per_second,
+            "peak_train_mib": peak_mib, "parameters": outcome.parameters, "flops": outcome.flops}
+
+
+def step_times(rounds: int, batch_size: int, data_dir: str | None) -> dict:
+    """Median seconds per training step of moe and dense (default widths), interleaved."""
+    import torch
+    import torch.nn.functional as F
+
+    from moe_apps.datasets import load_cifar10
+    from moe_apps.vision.config import ModelConfig, RecipeConfig
+    from moe_apps.vision.model import build_model
+    from moe_apps.vision.train import param_groups
+
+    images = load_cifar10(data_dir).train_images[:batch_size]
+    labels = torch.randint(0, 10, (batch_size,), generator=torch.Generator().manual_seed(0))
+    recipe = RecipeConfig()
+    nets, opts = {}, {}
+    for name in ("moe", "dense"):
+        torch.manual_seed(0)
+        net = build_model(ModelConfig(model=name))
+        net.fit_whitening(images)
+        groups = param_groups(recipe)(net)
+        opts[name] = torch.optim.SGD([{"params": g["params"], "lr": 1e-3} for g in groups],
+                                     momentum=0.85, nesterov=True)
+        nets[name] = net.train()
+
+    def step(name: str) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = nets[name](images)
+            loss = F.cross_entropy(out.logits_BC, labels, label_smoothing=0.2)
+        loss.backward()
+        opts[name].step()
+        opts[name].zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    for name in nets:  # warm-up
+        step(name), step(name)
+    times = {name: [] for name in nets}
+    for _ in range(rounds):
+        for name in nets:
+            times[name].append(step(name))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {"batch_size": batch_size, "rounds": rounds, "moe_s": median["moe"], "dense_s": median["dense"],
+            "ratio": median["moe"] / median["dense"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["moe", "dense"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--preset", default="default")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", type=Path, default=None, help="Folder for the run folders (default: a temp dir).")
+    parser.add_argument("--step-time", action="store_true", help="Also time moe vs dense steps interleaved.")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--no-train", action="store_true", help="Only the step-time measurement.")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--one", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        result = run_one(args.one[0], int(args.one[1]), args.preset, args.epochs, args.out, args.data_dir)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    runs = []
+    base = args.out or Path(tempfile.mkdtemp(prefix="vision-quality-"))
+    if not args.no_train:
+        for seed in args.seeds:
+            for model in args.models:
+                out = base / f"{model}-s{seed}"
+                command = [sys.executable, __file__, "--one", model, str(seed), "--preset", args.preset,
+                           "--out", str(out)]
+                command += ["--epochs", str(args.epochs)] if args.epochs else []
+                command += ["--data-dir", args.data_dir] if args.data_dir else []
+                print(f"training {model} seed {seed} -> {out}", file=sys.stderr, flush=True)
+                done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                if done.returncode or not lines:
+                    sys.exit(f"{model} seed {seed} failed:\n{done.stderr[-3000:]}")
+                runs.append(json.loads(lines[-1][7:]))
+                print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    timing = step_times(args.rounds, args.batch_size, args.data_dir) if args.step_time else None
+
+    summary = {}
+    for model in args.models:
+        rows = [r for r in runs if r["model"] == model]
+        if not rows:
+            continue
+        acc = [r["accuracy"] for r in rows]
+        summary[model] = {
+            "seeds": [r["seed"] for r in rows], "epochs": rows[0]["epochs"],
+            "accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "train_seconds_mean": statistics.mean(r["train_seconds"] for r in rows),
+            "images_per_second_mean": statistics.mean(r["images_per_second"] for r in rows),
+            "peak_train_mib_max": max(r["peak_train_mib"] for r in rows),
+            "parameters": rows[0]["parameters"], "flops": rows[0]["flops"],
+        }
+    if args.json:
+        print(json.dumps({"preset": args.preset, "runs": runs, "summary": summary, "step_time": timing}))
+        return
+    if summary:
+        print("| model | seeds | epochs | test acc. (TTA) mean +- std | train s | images/s | peak train RSS MiB | params | MMACs/image |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for model, s in summary.items():
+            print(f"| {model} | {len(s['seeds'])} ({', '.join(map(str, s['seeds']))}) | {s['epochs']} | "
+                  f"{100 * s['accuracy_mean']:.2f} +- {100 * s['accuracy_std']:.2f}% | "
+                  f"{s['train_seconds_mean']:.0f} | {s['images_per_second_mean']:.0f} | "
+                  f"{s['peak_train_mib_max']:.0f} | {s['parameters']:,} | {s['flops'] / 1e6:.1f} |")
+    if timing:
+        print(f"step time (batch {timing['batch_size']}, median of {timing['rounds']} interleaved rounds): "
+              f"moe {1000 * timing['moe_s']:.0f} ms, dense {1000 * timing['dense_s']:.0f} ms, "
+              f"ratio {timing['ratio']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

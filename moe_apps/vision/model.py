@@ -1,0 +1,290 @@
+"""The vision networks, all built by `build_model(config)`: an airbench94-style CIFAR-10 backbone
+(Keller Jordan 2024, after hlb-CIFAR10 by Tysam&) with routed conv experts (`moe`), a per-image
+mixture of kernels (`condconv`: CondConv, Yang et al. 2019 / dynamic convolution, Chen et al.
+2020), or none (`dense`, `dense-wide`).
+
+Backbone: uint8 images -> normalise -> frozen 2x2 patch-whitening conv (filters = +- the
+eigenvectors of the training patches' covariance scaled by 1/sqrt(eigenvalue), bias trained) ->
+GELU -> three conv groups (conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU), BN without
+affine weight, convs dirac-initialised -> MaxPool(3) -> bias-free linear head x logit_scale.
+
+`moe`: each chosen conv group is E copies of that group behind a top-k router
+(`moe_core.MoE` + `ModuleExperts`, sorted dispatch: each image runs only its k experts). The router
+sees the spatial mean of the group's input. Its combine weights are the top-k probabilities
+divided by their detached sum (`DetachedSumRouter`): in the forward pass they sum to 1 (so with
+k = 1 the chosen group's output passes unscaled, as in the dense backbone), while the router still
+gets the task's gradient through them (with plain renormalisation a top-1 weight is the constant 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_apps.vision.config import ModelConfig
+from moe_core import ModuleExperts, MoE, Routing, SoftmaxRouter, TopKRouter
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+NUM_CLASSES = 10
+IMAGE_SIZE = 32
+
+
+@dataclass(frozen=True)
+class VisionOutput:
+    """What a vision model returns: ``logits_BC`` and, per expert stage name, ``expert_BK`` (the
+    experts each image went to; empty for models without routing)."""
+
+    logits_BC: Tensor
+    experts: dict[str, Tensor]
+
+
+def batch_norm(channels: int, momentum: float) -> nn.BatchNorm2d:
+    """BN with a frozen unit weight (only the bias learns), airbench's momentum convention."""
+    norm = nn.BatchNorm2d(channels, momentum=1.0 - momentum, eps=1e-12)
+    norm.weight.requires_grad_(False)
+    return norm
+
+
+def dirac_conv(c_in: int, c_out: int) -> nn.Conv2d:
+    """3x3 same-padding conv without bias; its first min(c_in, c_out) filters start as identity."""
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    n = min(c_in, c_out)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[:n])
+    return conv
+
+
+class ConvGroup(nn.Module):
+    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU: ``(B, c_in, H, W) -> (B, c_out, H/2, W/2)``."""
+
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = dirac_conv(c_in, c_out), dirac_conv(c_out, c_out)
+        self.norm1, self.norm2 = batch_norm(c_out, bn_momentum), batch_norm(c_out, bn_momentum)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last) and x.shape[0] > 0:
+            x = x.contiguous(memory_format=torch.channels_last)  # the dispatch gathers rows NCHW
+        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class DetachedSumRouter(nn.Module):
+    """A `TopKRouter` (no renormalisation) whose top-k weights are divided by their detached sum."""
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.inner = TopKRouter(d_model, num_experts, top_k=top_k, renormalize=False)
+        self.d_model, self.num_experts, self.top_k = d_model, num_experts, top_k
+
+    def forward(self, x: Tensor, *, token_ids_T: Tensor | None = None) -> Routing:
+        r = self.inner(x, token_ids_T=token_ids_T)
+        w_TK = r.combine_weights_TK / r.combine_weights_TK.sum(-1, keepdim=True).detach()
+        return Routing(r.probs_TE, r.logits_TE, r.expert_indices_TK, w_TK)
+
+
+class ExpertStage(nn.Module):
+    """E conv groups behind a top-k router over the spatial mean of the input (`moe_core.MoE`)."""
+
+    def __init__(self, c_in: int, c_out: int, num_experts: int, top_k: int, bn_momentum: float) -> None:
+        super().__init__()
+        experts = ModuleExperts([ConvGroup(c_in, c_out, bn_momentum) for _ in range(num_experts)],
+                                feature_dims=3)
+        self.moe = MoE(router=DetachedSumRouter(c_in, num_experts, top_k), experts=experts)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.moe(x, router_input=x.float().mean(dim=(-2, -1)))
+        return out.output, out.routing.expert_indices_TK
+
+
+class CondConv2d(nn.Module):
+    """3x3 conv whose kernel is, per image, the router-weighted sum of E expert kernels, run as one
+    grouped convolution over the batch (groups = B). Weights: `moe_core.SoftmaxRouter` over the
+    spatial mean of the input (dense, every expert kernel contributes)."""
+
+    def __init__(self, c_in: int, c_out: int, num_experts: int) -> None:
+        super().__init__()
+        self.c_in, self.c_out, self.num_experts = c_in, c_out, num_experts
+        self.router = SoftmaxRouter(c_in, num_experts)
+        weight = torch.empty(num_experts, c_out, c_in, 3, 3)
+        for e in range(num_experts):
+            nn.init.kaiming_uniform_(weight[e], a=5 ** 0.5)
+        with torch.no_grad():  # expert 0 dirac like the dense conv; the others stay random
+            nn.init.dirac_(weight[0, : min(c_in, c_out)])
+        self.weight_EOI33 = nn.Parameter(weight)
+
+    def forward(self, x_BCHW: Tensor) -> Tensor:
+        B, _, H, W = x_BCHW.shape
+        probs_BE = self.router(x_BCHW.float().mean(dim=(-2, -1))).probs_TE
+        kernel = torch.einsum("be,eoikl->boikl", probs_BE.to(self.weight_EOI33.dtype), self.weight_EOI33)
+        y = F.conv2d(x_BCHW.reshape(1, B * self.c_in, H, W),
+                     kernel.reshape(B * self.c_out, self.c_in, 3, 3).to(x_BCHW.dtype), padding=1, groups=B)
+        return y.reshape(B, self.c_out, H, W)
+
+
+class CondConvGroup(ConvGroup):
+    """A `ConvGroup` whose two convolutions are `CondConv2d` (the norms stay shared)."""
+
+    def __init__(self, c_in: int, c_out: int, num_experts: int, bn_momentum: float) -> None:
+        super().__init__(c_in, c_out, bn_momentum)
+        self.conv1, self.conv2 = CondConv2d(c_in, c_out, num_experts), CondConv2d(c_out, c_out, num_experts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x.contiguous()), 2)))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+class PatchWhitening(nn.Module):
+    """A 2x2 conv (no padding: 32 -> 31) with frozen filters set by `fit` from training patches; the
+    bias learns."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.register_buffer("weight", torch.zeros(width, 3, 2, 2))
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    @torch.no_grad()
+    def fit(self, x_BCHW: Tensor, eps: float = 5e-4) -> None:
+        """Filters = +- eigenvectors of the covariance of all 2x2x3 patches of ``x`` (normalised
+        float images), scaled by 1 / sqrt(eigenvalue + eps), largest eigenvalues first."""
+        patches_ND = F.unfold(x_BCHW.float(), kernel_size=2).transpose(1, 2).reshape(-1, 12).double()
+        centred = patches_ND - patches_ND.mean(0)
+        cov_DD = centred.T @ centred / patches_ND.shape[0]
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov_DD)  # ascending
+        order = eigenvalues.argsort(descending=True)[: self.width // 2]
+        filters = (eigenvectors[:, order] / (eigenvalues[order] + eps).sqrt()).T
+        filters = filters.reshape(-1, 3, 2, 2).float()
+        self.weight.copy_(torch.cat([filters, -filters]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class VisionNet(nn.Module):
+    """The backbone with each group built by ``make_group(stage, c_in, c_out)``."""
+
+    def __init__(self, config: ModelConfig, widths: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.config, self.widths = config, tuple(widths)
+        self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1))
+        self.whiten = PatchWhitening(config.whitening_width)
+        self.stage_names: list[str] = []
+        groups = []
+        c_in = config.whitening_width
+        for stage, c_out in enumerate(widths):
+            groups.append(self._group(stage, c_in, c_out))
+            c_in = c_out
+        self.groups = nn.ModuleList(groups)
+        self.head = nn.Linear(c_in, NUM_CLASSES, bias=False)
+        self.channels_last = True
+
+    def _group(self, stage: int, c_in: int, c_out: int) -> nn.Module:
+        cfg = self.config
+        if stage in cfg.expert_stages and cfg.model == "moe":
+            self.stage_names.append(f"stage{stage}")
+            return ExpertStage(c_in, c_out, cfg.num_experts, cfg.top_k, cfg.bn_momentum)
+        if stage in cfg.expert_stages and cfg.model == "condconv":
+            return CondConvGroup(c_in, c_out, cfg.num_experts, cfg.bn_momentum)
+        return ConvGroup(c_in, c_out, cfg.bn_momentum)
+
+    def normalise(self, images_BCHW: Tensor) -> Tensor:
+        """uint8 (or [0, 255] float) images -> normalised float32."""
+        return (images_BCHW.float() / 255.0 - self.mean) / self.std
+
+    @torch.no_grad()
+    def fit_whitening(self, images_BCHW: Tensor) -> None:
+        self.whiten.fit(self.normalise(images_BCHW))
+
+    def forward(self, images_BCHW: Tensor) -> VisionOutput:
+        x = self.normalise(images_BCHW)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = F.gelu(self.whiten(x))
+        experts: dict[str, Tensor] = {}
+        for stage, group in enumerate(self.groups):
+            if isinstance(group, ExpertStage):
+                x, experts[f"stage{stage}"] = group(x)
+            else:
+                x = group(x)
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        return VisionOutput(self.head(x).float() * self.config.logit_scale, experts)
+
+
+def stage_shapes(widths: tuple[int, ...], whitening_width: int) -> list[tuple[int, int, int]]:
+    """``(c_in, c_out, input side)`` of each conv group for 32x32 images."""
+    side, c_in, shapes = IMAGE_SIZE - 1, whitening_width, []
+    for c_out in widths:
+        shapes.append((c_in, c_out, side))
+        side, c_in = side // 2, c_out
+    return shapes
+
+
+def flops_per_image(config: ModelConfig, widths: tuple[int, ...] | None = None) -> int:
+    """Multiply-adds per image of convolutions, router gates and the head (what dominates; BN,
+    pooling and activations are left out), computed from the shapes at ``widths`` (default
+    ``config.widths``); moe counts the top-k experts an image runs, condconv the kernel mixing."""
+    widths = config.widths if widths is None else widths
+    side = IMAGE_SIZE - 1
+    total = config.whitening_width * 3 * 4 * side * side
+    for stage, (c_in, c_out, side) in enumerate(stage_shapes(widths, config.whitening_width)):
+        half = side // 2
+        group = 9 * (c_in * c_out * side * side + c_out * c_out * half * half)
+        routed = stage in config.expert_stages
+        if routed and config.model == "moe":
+            group = config.top_k * group + c_in * config.num_experts
+        elif routed and config.model == "condconv":  # mixing the kernels + two routers
+            group += 9 * config.num_experts * (c_in * c_out + c_out * c_out) + (c_in + c_out) * config.num_experts
+        total += group
+    return total + widths[-1] * NUM_CLASSES
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _solve_width(config: ModelConfig, score) -> tuple[int, int, int]:
+    """Widths equal to ``config.widths`` except the expert stages, set to the one width (searched
+    over 1..8x the widest) that minimises ``score(widths)``."""
+    top = 8 * max(config.widths)
+
+    def widths_for(w: int) -> tuple[int, int, int]:
+        return tuple(w if s in config.expert_stages else c for s, c in enumerate(config.widths))
+
+    best = min(range(1, top + 1), key=lambda w: score(widths_for(w)))
+    return widths_for(best)
+
+
+def resolved_widths(config: ModelConfig) -> tuple[int, int, int]:
+    """The widths `build_model` uses: ``config.widths`` for moe / condconv; for dense, the expert
+    stages' width at which FLOPs per image equal moe's; for dense-wide, the width at which the
+    parameter count equals moe's."""
+    if config.model in ("moe", "condconv"):
+        return config.widths
+    moe = ModelConfig(**{**config.__dict__, "model": "moe"})
+    if config.model == "dense":
+        target = flops_per_image(moe)
+        return _solve_width(config, lambda w: abs(flops_per_image(config, w) - target))
+    target = count_parameters(VisionNet(moe, moe.widths))
+    dense = ModelConfig(**{**config.__dict__, "model": "dense"})
+    return _solve_width(config, lambda w: abs(_dense_parameters(dense, w) - target))
+
+
+def _dense_parameters(config: ModelConfig, widths: tuple[int, ...]) -> int:
+    """Trainable parameters of the dense backbone at ``widths``, from the shapes."""
+    total, c_in = config.whitening_width, config.whitening_width  # whitening bias
+    for c_out in widths:
+        total += 9 * (c_in * c_out + c_out * c_out) + 2 * c_out  # two convs, two BN biases
+        c_in = c_out
+    return total + c_in * NUM_CLASSES
+
+
+def build_model(config: ModelConfig) -> VisionNet:
+    """The network of ``config`` (whitening filters still zero: call `fit_whitening`)."""
+    return VisionNet(config, resolved_widths(config))
