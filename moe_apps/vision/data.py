@@ -9,7 +9,6 @@ uninterrupted run saw.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,11 +148,12 @@ def eval_batches(split: Split, batch_size: int) -> list[VisionBatch]:
 
 def load_image(path: str | Path) -> Tensor:
     """A PNG / JPEG file of any size and mode as a uint8 ``(3, 32, 32)`` RGB tensor, as the model
-    sees CIFAR-10: decoded by torchvision.io into RGB (grayscale is replicated, alpha dropped,
-    palettes expanded), the shorter side resized to 32 pixels (bilinear, antialiased), then the
-    centre 32 x 32 cropped. ValueError naming the file for a missing, unreadable, truncated or
-    non-image file."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    sees CIFAR-10: decoded with Pillow and converted to RGB (grayscale replicated, alpha dropped,
+    palettes expanded), the shorter side resized to 32 pixels (bilinear, antialiased, torchvision
+    v2), then the centre 32 x 32 cropped. ValueError naming the file for a missing, unreadable,
+    truncated or non-image file."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2 import functional as TF
 
     path = Path(path)
@@ -162,12 +162,18 @@ def load_image(path: str | Path) -> Tensor:
     if not path.is_file():
         raise ValueError(f"{path}: not a file")
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError, OSError) as error:
-        text = re.sub(r"^.*?\.(?:cpp|h):\d+,\s*", "", " ".join(str(error).split()))  # C++ location
-        reason = text[:160] or type(error).__name__
+        with Image.open(path) as opened:
+            if opened.format not in ("PNG", "JPEG"):
+                raise ValueError(f"{path}: a {opened.format} image; give a PNG or JPEG file")
+            opened.load()  # decodes now: a truncated file fails here
+            rgb = np.asarray(opened.convert("RGB"))
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{path}: not a PNG/JPEG image (Pillow cannot identify it)") from error
+    except (OSError, SyntaxError) as error:  # Pillow: truncated or corrupt data
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
         raise ValueError(f"{path}: not a readable PNG/JPEG image ({reason})") from error
-    if image.dim() != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
-        raise ValueError(f"{path}: decoded to an empty or odd image of shape {tuple(image.shape)}")
+    image = torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    if min(image.shape[1:]) < 1:
+        raise ValueError(f"{path}: the image is empty ({tuple(image.shape[1:])} pixels)")
     image = TF.resize(image, 32, antialias=True)
     return TF.center_crop(image, [32, 32]).contiguous()

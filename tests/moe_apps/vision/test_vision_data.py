@@ -1,0 +1,109 @@
+"""The vision data layer: augmentation against a per-image numpy reference, alternating flip,
+deterministic epochs, the validation split, and image files of every mode (and bad ones)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moe_apps.vision.config import VisionConfig
+from moe_apps.vision.data import TrainBatches, Split, augment, flip_mask, load_image, make_splits
+
+
+def reference_augment(image_CHW: np.ndarray, flip: bool, dy: int, dx: int, pad: int) -> np.ndarray:
+    """One image at a time with numpy: mirror, reflect-pad, crop at (pad + dy, pad + dx)."""
+    out = image_CHW[:, :, ::-1] if flip else image_CHW
+    padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    return padded[:, pad + dy: pad + dy + 32, pad + dx: pad + dx + 32]
+
+
+def test_augment_matches_per_image_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    flips = torch.rand(64, generator=g) < 0.5
+    shifts = torch.randint(-2, 3, (64, 2), generator=g)
+    shifts[0] = torch.tensor([-2, 2])  # the extremes are in
+    shifts[1] = torch.tensor([2, -2])
+    got = augment(images, flips, shifts, 2)
+    assert got.dtype == torch.uint8 and got.shape == images.shape
+    for i in range(64):
+        want = reference_augment(images[i].numpy(), bool(flips[i]), int(shifts[i, 0]), int(shifts[i, 1]), 2)
+        np.testing.assert_array_equal(got[i].numpy(), want)
+
+
+def test_alternating_flip_flips_each_image_every_other_epoch() -> None:
+    masks = [flip_mask(1000, seed=3, epoch=e) for e in range(4)]
+    assert torch.equal(masks[0], ~masks[1]) and torch.equal(masks[0], masks[2])
+    assert torch.equal(masks[1], masks[3])
+    assert 400 < int(masks[0].sum()) < 600
+    assert not torch.equal(masks[0], flip_mask(1000, seed=4, epoch=0))
+
+
+def test_epoch_batches_depend_only_on_seed_and_epoch() -> None:
+    g = torch.Generator().manual_seed(1)
+    split = Split(torch.randint(0, 256, (250, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.arange(250) % 10)
+    first = list(TrainBatches(split, 64, 2, seed=0, epoch=1))
+    again = list(TrainBatches(split, 64, 2, seed=0, epoch=1))
+    other = list(TrainBatches(split, 64, 2, seed=0, epoch=2))
+    assert len(first) == 3 and all(len(b) == 64 for b in first)  # the remainder is left out
+    assert all(torch.equal(a.images_BCHW, b.images_BCHW) and torch.equal(a.labels_B, b.labels_B)
+               for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0].labels_B, other[0].labels_B)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        TrainBatches(split, 512, 2, seed=0, epoch=0)
+
+
+def test_validation_split_is_held_out(cifar_data: Path) -> None:
+    data = make_splits(VisionConfig(validation=300, train_limit=1000), cifar_data)
+    assert len(data.train) == 700 and data.val is not None and len(data.val) == 300
+    assert len(data.test) == 240 and data.class_names[0] == "airplane"
+    flat = lambda s: {bytes(x.numpy().tobytes()) for x in s.images}  # noqa: E731
+    assert not flat(data.train) & flat(data.val)
+    everything = make_splits(VisionConfig(validation=0, train_limit=1000), cifar_data)
+    assert everything.val is None and len(everything.train) == 1000
+
+
+@pytest.mark.parametrize("mode,size", [("L", (50, 70)), ("RGBA", (40, 40)), ("P", (40, 40)),
+                                       ("RGB", (300, 200)), ("LA", (17, 90))])
+@pytest.mark.parametrize("ext", ["png", "jpg"])
+def test_image_files_of_any_mode_and_size(tmp_path: Path, mode: str, size: tuple[int, int], ext: str) -> None:
+    if ext == "jpg" and mode in ("RGBA", "P", "LA"):
+        pytest.skip("JPEG has no alpha or palette")
+    red = Image.new("RGB", size, (250, 10, 10)).convert(mode)
+    path = tmp_path / f"image.{ext}"
+    red.save(path)
+    image = load_image(path)
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    if mode in ("RGB", "RGBA", "P"):  # colour kept (JPEG within its loss)
+        assert abs(int(image[0].float().mean()) - 250) < 8 and int(image[1].float().mean()) < 20
+    else:  # grey: the three channels are equal
+        assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+def test_resize_keeps_the_centre(tmp_path: Path) -> None:
+    array = np.zeros((64, 128, 3), dtype=np.uint8)
+    array[:, 32:96] = 255  # the white centre square of a wide image
+    Image.fromarray(array).save(tmp_path / "wide.png")
+    image = load_image(tmp_path / "wide.png")
+    assert int(image.float().mean()) > 240  # shorter side -> 32, centre 32 x 32 is all white
+
+
+def test_bad_image_files_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "text.png").write_text("not an image")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.jpg")
+    raw = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(raw[: len(raw) // 3])
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.png")
+    raw = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(raw[: len(raw) // 2])
+    for name in ("text.png", "cut.jpg", "cut.png", "missing.png"):
+        with pytest.raises(ValueError, match=name) as info:
+            load_image(tmp_path / name)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="not a file"):
+        load_image(tmp_path)
