@@ -22,9 +22,10 @@ from torch import Tensor
 
 from moe_apps.datasets import Ratings
 from moe_apps.recsys.config import TaskSpec
-from moe_apps.recsys.data import Features, RecsysBatch, make_batch
+from moe_apps.recsys.data import IMPLICIT_TARGETS, Features, RatingBatches, RecsysBatch, make_batch
 
 REJECTION_ROUNDS = 30
+HELD_OUT_STREAM = 1 << 20  # seed stream of held-out negatives, apart from the epochs' (seed, epoch)
 
 
 def sample_unrated(seen_UI: Tensor, user_N: Tensor, generator: torch.Generator) -> Tensor:
@@ -97,3 +98,32 @@ class ImplicitBatches:
             yield make_batch(self.features, self.tasks, user_N[part], item_N[part], rating_N[part],
                              in_fit_B=in_fit_N[part], history_dropout=self.history_dropout,
                              generator=generator)
+
+
+def uses_negatives(tasks: Sequence[TaskSpec]) -> bool:
+    """Whether a task is labelled on unrated pairs (so batches need sampled negatives)."""
+    return any(t.target in IMPLICIT_TARGETS for t in tasks)
+
+
+def training_batches(features: Features, tasks: Sequence[TaskSpec], fit: Ratings, *, batch_size: int,
+                     negatives: int, seen_UI: Tensor, seed: Sequence[int],
+                     history_dropout: float) -> RatingBatches | ImplicitBatches:
+    """One epoch's training batches: the fit ratings alone (``negatives == 0``) or mixed with
+    ``negatives`` unrated movies per rating drawn for this ``seed`` (e.g. (run seed, epoch))."""
+    if negatives == 0:
+        return RatingBatches(features, tasks, fit, batch_size, in_fit=True, seed=seed,
+                             history_dropout=history_dropout)
+    return ImplicitBatches(features, tasks, fit, batch_size, negatives=negatives, seen_UI=seen_UI,
+                           seed=seed, in_fit=True, history_dropout=history_dropout)
+
+
+def held_out_batches(features: Features, tasks: Sequence[TaskSpec], ratings: Ratings, *,
+                     batch_size: int, negatives: int, seen_UI: Tensor,
+                     seed: int) -> RatingBatches | ImplicitBatches:
+    """Validation or test batches, in a fixed order: the ratings alone, or with ``negatives``
+    unrated movies per rating drawn once from ``seed`` (the same set at every evaluation), so
+    the implicit task's AUC and log loss see both classes. ``seen_UI`` must hold ``ratings``."""
+    if negatives == 0:
+        return RatingBatches(features, tasks, ratings, batch_size, in_fit=False)
+    return ImplicitBatches(features, tasks, ratings, batch_size, negatives=negatives,
+                           seen_UI=seen_UI, seed=(seed, HELD_OUT_STREAM), in_fit=False)

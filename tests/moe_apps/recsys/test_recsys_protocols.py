@@ -124,3 +124,19 @@ def test_candidate_batch_scores_equal_per_rating_batches(kind: str) -> None:
         expected = model(rows).predictions_BT
         got = model(candidate_batch(features, users, items)).predictions_BT
     torch.testing.assert_close(got, expected)
+
+
+def test_held_out_negatives_are_fixed_and_training_ones_follow_the_epoch() -> None:
+    from moe_apps.recsys.implicit import held_out_batches, training_batches
+
+    data = _random_data()
+    parts = protocol_parts(data, "random", seed=0, val_fraction=0.1)
+    features = build_features(data, parts.fit)
+    seen = interaction_matrix(parts.train, 40, 60)
+    plain = training_batches(features, (LIKE, RATING), parts.fit, batch_size=32, negatives=0,
+                             seen_UI=seen, seed=(0, 0), history_dropout=0.0)
+    assert sum(len(b) for b in plain) == len(parts.fit) and next(iter(plain)).mask_BT is None
+    val = [held_out_batches(features, (LIKE, RATING), parts.val, batch_size=32, negatives=2,
+                            seen_UI=seen, seed=0) for _ in range(2)]
+    items = [torch.cat([b.item_B for b in v]) for v in val]
+    assert torch.equal(items[0], items[1]) and len(items[0]) == 3 * len(parts.val)
