@@ -129,7 +129,7 @@ def shard_expert_bank(bank: ExpertBank, experts: range) -> ExpertBank:
     with torch.no_grad():
         for name, param in part.named_parameters():
             param.copy_(getattr(bank, name)[experts.start : experts.stop])
-    return part.to(bank.w_in.device)
+    return part.to(device=bank.w_in.device, dtype=bank.w_in.dtype)
 
 
 class ExpertParallelMoE(nn.Module):

@@ -133,6 +133,13 @@ def layer_worker(rank: int, world: int, names: list[str], out_dir: str) -> None:
             "stats": out.stats,
             "expert_range": ep.expert_range,
         }
+    layer, x, g, sizes, _ = scenario_inputs("topk_capacity")  # bf16 weights and tokens
+    ep = ExpertParallelMoE.from_moe(layer.to(torch.bfloat16))
+    start = sum(sizes[:rank])
+    x_r = x[start : start + sizes[rank]].bfloat16().requires_grad_(True)
+    out = ep(x_r)
+    (out.output.float() * g[start : start + sizes[rank]]).sum().backward()
+    results["bf16"] = {"output": out.output.detach(), "x_grad": x_r.grad}
     try:
         ExpertParallelMoE.from_moe(MoE(TopKRouter(D, 3), ExpertBank(3, D, H)))
         results["bad_world"] = None

@@ -114,6 +114,19 @@ def test_expert_choice_is_per_rank(group_results):
         torch.testing.assert_close(torch.cat(parts), param.grad, **TOL)
 
 
+def test_bf16_weights_and_tokens(group_results):
+    """bf16 experts and tokens travel as bf16 and match the one-process bf16 layer to bf16 rounding."""
+    layer, x, g, _, _ = scenario_inputs("topk_capacity")
+    layer = layer.to(torch.bfloat16)
+    x = x.bfloat16().requires_grad_(True)
+    out = layer(x)
+    (out.output.float() * g).sum().backward()
+    output = _cat(group_results, "bf16", "output")
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output, out.output.detach(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(_cat(group_results, "bf16", "x_grad"), x.grad, atol=2e-2, rtol=2e-2)
+
+
 def test_world_size_must_divide_the_experts(group_results):
     message = group_results[0]["bad_world"]
     assert message is not None and "num_experts=3 is not divisible by the process group size 2" in message
