@@ -1,6 +1,6 @@
 """Row layouts the fused expert FFN runs on: padded ``bmm``, tiered padding, grouped GEMM.
 
-`moe_core.dispatch.expert_ffn_combine` gathers the expert-sorted slots into rows, runs every
+`moe_core.kernels.expert_ffn_combine` gathers the expert-sorted slots into rows, runs every
 expert's FFN on its rows and combines them back; a layout says where each slot's row lives and how
 the per-expert GEMMs (forward, and the weight/bias gradients of the hand-written backward) run:
 
@@ -12,8 +12,9 @@ the per-expert GEMMs (forward, and the weight/bias gradients of the hand-written
   the grouped (block-sparse) GEMM of dropless MoE, MegaBlocks (Gale et al. 2022).
 
 Every layout exposes ``token_R``, ``weight_R``, ``row_S`` (slot -> row), ``valid_R1`` and the
-same GEMM methods (``mm``, ``mm_flat``, ``wgrad``, ``bgrad``, ...). Which one runs is chosen in
-`expert_ffn_combine` by measurement (docs/BENCHMARKS.md). Imports only torch and the stdlib.
+same GEMM methods (``mm``, ``mm_flat``, ``wgrad``, ``bgrad``, ...). Which one runs is chosen by
+`moe_core.kernels.choose_kernel`, by measurement (docs/BENCHMARKS.md). Imports only torch and the
+stdlib.
 """
 
 from __future__ import annotations

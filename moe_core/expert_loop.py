@@ -1,6 +1,6 @@
 """The expert FFN and weighted combine one expert at a time, fused, with a hand-written backward.
 
-The ``loop`` kernel of `moe_core.dispatch.expert_ffn_combine` (the ``auto`` choice for fp32 on the
+The ``loop`` kernel of `moe_core.kernels.expert_ffn_combine` (the ``auto`` choice for fp32 on the
 CPU).
 Slots are sorted by expert (MegaBlocks' dropless layout, Gale et al. 2022); for each expert in turn
 its rows are gathered, pushed through ``act(x W_in + b_in) W_out + b_out``, scaled by their

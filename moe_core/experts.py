@@ -4,7 +4,7 @@
   Fedus et al. 2021) with stacked weights ``w_in`` ``(E, D, H)`` (``(E, D, 2H)`` for SwiGLU,
   Shazeer 2020) and ``w_out`` ``(E, H, D)``. Its ``forward_sorted`` is the fused fast path the
   dispatch uses: gather, expert GEMMs, weighted combine, as one autograd node with a hand-written
-  backward (`moe_core.dispatch.expert_ffn_combine`), computed one expert block at a time
+  backward (`moe_core.kernels.expert_ffn_combine`), computed one expert block at a time
   (``loop``, `moe_core.expert_loop`: the ``auto`` choice for fp32 on the CPU), with grouped GEMMs
   (``torch._grouped_mm``: ``auto`` for 16-bit floats and on CUDA bf16) or with batched padded
   ``bmm`` (one, or one per padding tier; ``auto`` for equal blocks such as expert choice).
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from moe_core.activations import ACTIVATIONS, apply_activation
 from moe_core.checks import check_positive_int
-from moe_core.dispatch import METHODS, expert_ffn_combine
+from moe_core.kernels import METHODS, expert_ffn_combine
 
 
 def _check_activation(activation: str) -> None:
@@ -109,7 +109,7 @@ class ExpertBank(nn.Module):
         self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, counts_E: Tensor,
         slot_KT: Tensor | None = None,
     ) -> Tensor:
-        """Fused gather -> experts -> weighted combine (`moe_core.dispatch.expert_ffn_combine`):
+        """Fused gather -> experts -> weighted combine (`moe_core.kernels.expert_ffn_combine`):
         ``out_TD[t] = sum over slots s of token t of weight_S[s] * expert_{e(s)}(x_TD[t])``, slots
         sorted by expert (``counts_E`` each, then the dropped ones)."""
         return expert_ffn_combine(

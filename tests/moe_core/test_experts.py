@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe_core import expert_layouts
 from moe_core.experts import EXPERTS, FFN, ConvExperts, ExpertBank, ModuleExperts
 
 
@@ -61,12 +60,8 @@ def _reference_grouped(expert_fn, x: torch.Tensor, counts: list[int]) -> torch.T
      ("bucketed", 8), ("bucketed", 6)],
 )  # d_model=6: rows not 16-byte aligned, grouped GEMM unavailable
 def test_expert_bank_forward_matches_loop(
-    activation: str, bias: bool, method: str, d_model: int, monkeypatch: pytest.MonkeyPatch
+    activation: str, bias: bool, method: str, d_model: int, many_tiers: None
 ) -> None:
-    # several tiers even for these few rows
-    monkeypatch.setattr(expert_layouts, "TIER_LEVEL_ROWS", 0)
-    monkeypatch.setattr(expert_layouts, "TIER_COPY_ROWS", 0)
-    monkeypatch.setattr(expert_layouts, "TIER_FIXED_ROWS", 0)
     torch.manual_seed(0)
     bank = ExpertBank(4, d_model, 12, activation=activation, bias=bias, method=method)
     if bias:  # nonzero biases so that a missing bias would show

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from moe_core import expert_layouts
 from moe_core.expert_choice import ExpertChoiceRouter
 from moe_core.experts import FFN, ConvExperts, ExpertBank, ModuleExperts
 from moe_core.layer import MoE, MoEOutput
@@ -125,12 +124,8 @@ def test_every_router_through_the_layer_matches_the_per_token_reference(
 @pytest.mark.parametrize("method", ["padded", "bucketed", "grouped", "loop"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.25])
 def test_topk_every_kernel_with_shared_experts(
-    method: str, capacity_factor: float | None, monkeypatch: pytest.MonkeyPatch
+    method: str, capacity_factor: float | None, many_tiers: None
 ) -> None:
-    # several tiers even for these few rows
-    monkeypatch.setattr(expert_layouts, "TIER_LEVEL_ROWS", 0)
-    monkeypatch.setattr(expert_layouts, "TIER_COPY_ROWS", 0)
-    monkeypatch.setattr(expert_layouts, "TIER_FIXED_ROWS", 0)
     torch.manual_seed(1)
     layer = MoE(
         TopKRouter(D, E, top_k=2),
