@@ -72,10 +72,6 @@ def moe_core_parameters() -> Iterator[dict[int, tuple[str, nn.Parameter, Tensor]
         handle.remove()
 
 
-def test_the_examples_are_there() -> None:
-    assert len(EXAMPLES) >= 8, [p.name for p in EXAMPLES]
-
-
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_trains_its_moe(path: Path) -> None:
     module = _load(path)
