@@ -10,7 +10,7 @@ affine weight, convs dirac-initialised -> MaxPool(3) -> bias-free linear head x 
 
 `moe`: each chosen conv group is E copies of that group behind a top-k router
 (`moe_core.MoE` + `ModuleExperts`, sorted dispatch: each image runs only its k experts). The router
-sees the spatial mean of the group's input. Its combine weights are the top-k probabilities
+sees the spatial mean of the group's input, batch-normalised (`ExpertStage`). Its combine weights are the top-k probabilities
 divided by their detached sum (`DetachedSumRouter`): in the forward pass they sum to 1 (so with
 k = 1 the chosen group's output passes unscaled, as in the dense backbone), while the router still
 gets the task's gradient through them (with plain renormalisation a top-1 weight is the constant 1).
@@ -43,8 +43,10 @@ class VisionOutput:
 
 
 def batch_norm(channels: int, momentum: float) -> nn.BatchNorm2d:
-    """BN with a frozen unit weight (only the bias learns), airbench's momentum convention."""
-    norm = nn.BatchNorm2d(channels, momentum=1.0 - momentum, eps=1e-12)
+    """BN with a frozen unit weight (only the bias learns), airbench's momentum convention. eps is
+    PyTorch's 1e-5, not airbench's 1e-12: under CPU bf16 autocast a channel that is constant over
+    the batch can get a slightly negative variance estimate, and 1e-12 then gives NaN."""
+    norm = nn.BatchNorm2d(channels, momentum=1.0 - momentum, eps=1e-5)
     norm.weight.requires_grad_(False)
     return norm
 
@@ -67,7 +69,9 @@ class ConvGroup(nn.Module):
         self.norm1, self.norm2 = batch_norm(c_out, bn_momentum), batch_norm(c_out, bn_momentum)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 4 and not x.is_contiguous(memory_format=torch.channels_last) and x.shape[0] > 0:
+        if x.shape[0] == 0:  # an expert no image chose: no batch statistics to take
+            return x.new_zeros((0, self.norm2.num_features, x.shape[2] // 2, x.shape[3] // 2))
+        if not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # the dispatch gathers rows NCHW
         x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
         return F.gelu(self.norm2(self.conv2(x)))
@@ -88,16 +92,23 @@ class DetachedSumRouter(nn.Module):
 
 
 class ExpertStage(nn.Module):
-    """E conv groups behind a top-k router over the spatial mean of the input (`moe_core.MoE`)."""
+    """E conv groups behind a top-k router (`moe_core.MoE`). The router sees the spatial mean of
+    the input, standardised per channel by a BatchNorm without affine parameters: the pooled
+    post-GELU features share a large common component that would otherwise send every image to
+    the same expert once the BN biases move (they learn at 64 x the lr)."""
 
     def __init__(self, c_in: int, c_out: int, num_experts: int, top_k: int, bn_momentum: float) -> None:
         super().__init__()
         experts = ModuleExperts([ConvGroup(c_in, c_out, bn_momentum) for _ in range(num_experts)],
                                 feature_dims=3)
+        self.router_norm = nn.BatchNorm1d(c_in, affine=False, momentum=1.0 - bn_momentum)
         self.moe = MoE(router=DetachedSumRouter(c_in, num_experts, top_k), experts=experts)
 
+    def router_input(self, x: Tensor) -> Tensor:
+        return self.router_norm(x.float().mean(dim=(-2, -1)))
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.moe(x, router_input=x.float().mean(dim=(-2, -1)))
+        out = self.moe(x, router_input=self.router_input(x))
         return out.output, out.routing.expert_indices_TK
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from moe_apps.vision.config import VisionConfig
-from moe_apps.vision.data import TrainBatches, Split, augment, flip_mask, load_image, make_splits
+from moe_apps.vision.data import Split, TrainBatches, augment, flip_mask, load_image, make_splits
 
 
 def reference_augment(image_CHW: np.ndarray, flip: bool, dy: int, dx: int, pad: int) -> np.ndarray:

@@ -1,0 +1,140 @@
+"""`moe-apps vision train / eval / predict` on the smoke preset and a synthetic CIFAR-10
+(CliRunner), refusals before any work, a corrupted checkpoint, and kill -9 + --resume giving the
+same weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from moe_apps.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(cifar_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vision-runs") / "moe-smoke"
+    result = runner.invoke(app, ["vision", "train", "--preset", "smoke", "--data-dir", str(cifar_data),
+                                 "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    return out
+
+
+def test_train_writes_a_run(trained: Path) -> None:
+    config = json.loads((trained / "config.json").read_text())
+    assert config["app"] == "vision" and config["config"]["model"]["model"] == "moe"
+    assert (trained / "checkpoints" / "best.pt").is_file() and (trained / "curves.png").is_file()
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["val_accuracy"] > 0.3  # the synthetic classes are easy
+
+
+def test_eval_json_and_plots(trained: Path, cifar_data: Path) -> None:
+    result = runner.invoke(app, ["vision", "eval", str(trained), "--json", "--data-dir", str(cifar_data)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["tta"] is True and report["images"] == 240
+    assert len(report["per_class_accuracy"]) == 10
+    assert sum(map(sum, report["confusion_matrix"])) == 240
+    fractions = report["expert_fraction_by_class"]["stage2"]
+    assert len(fractions) == 10 and all(len(row) == 4 for row in fractions)
+    for name in ("confusion.png", "experts_by_class.png", "confident_errors.png"):
+        assert (trained / name).read_bytes()[:4] == b"\x89PNG"
+    plain = runner.invoke(app, ["vision", "eval", str(trained), "--no-tta", "--data-dir", str(cifar_data)])
+    assert plain.exit_code == 0 and "no TTA" in plain.output
+
+
+def test_predict_good_and_bad_files(trained: Path, tmp_path: Path) -> None:
+    Image.new("L", (45, 80), 128).save(tmp_path / "grey.png")
+    Image.new("RGBA", (64, 64), (10, 200, 10, 128)).save(tmp_path / "alpha.png")
+    Image.new("RGB", (500, 300), (200, 10, 10)).save(tmp_path / "big.jpg")
+    (tmp_path / "notes.png").write_text("hello")
+    ok = runner.invoke(app, ["vision", "predict", str(trained), str(tmp_path / "grey.png"),
+                             str(tmp_path / "big.jpg"), "--top", "3", "--json"])
+    assert ok.exit_code == 0, ok.output
+    predictions = json.loads(ok.output)["predictions"]
+    assert [len(p["top"]) for p in predictions] == [3, 3]
+    assert all(abs(sum(r["probability"] for r in p["top"])) <= 1.0 + 1e-6 for p in predictions)
+    mixed = runner.invoke(app, ["vision", "predict", str(trained), str(tmp_path / "notes.png"),
+                                str(tmp_path / "alpha.png"), str(tmp_path / "gone.jpg")])
+    assert mixed.exit_code == 1
+    assert "alpha.png" in mixed.stdout  # the good one is still predicted
+    errors = [line for line in mixed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "notes.png" in errors[0] and "gone.jpg" in errors[1]
+    assert "Traceback" not in mixed.output
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--num-experts", "4", "--top-k", "5"], 1, "top_k"),
+    (["--num-experts", "0"], 1, "num_experts"),
+    (["--epochs", "0"], 2, "epochs"),
+    (["--model", "resnet"], 1, "model must be"),
+    (["--preset", "huge"], 1, "unknown preset"),
+])
+def test_impossible_configs_are_refused_before_any_work(tmp_path: Path, args: list[str], code: int,
+                                                        message: str) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["vision", "train", "--preset", "smoke", "--out", str(out),
+                                 "--data-dir", str(tmp_path / "no-data"), *args])
+    assert result.exit_code == code, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_not_a_run_and_corrupted_checkpoint(trained: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["vision", "eval", str(tmp_path)])
+    assert result.exit_code == 1 and "not a vision run" in result.output
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    best = copy / "checkpoints" / "best.pt"
+    raw = bytearray(best.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    best.write_bytes(bytes(raw))
+    result = runner.invoke(app, ["vision", "predict", str(copy), str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "best.pt" in result.output and "Traceback" not in result.output
+
+
+def _train_cmd(out: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "moe_apps.cli", "vision", "train", "--preset", "smoke", "--out", str(out),
+            "--data-dir", str(data), "--no-progress", *extra]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def test_kill_then_resume_gives_identical_weights(cifar_data: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(_train_cmd(whole, cifar_data), env=env, check=True, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, cifar_data), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] < 12, "the run ended before it was killed"
+    resumed = subprocess.run(_train_cmd(killed, cifar_data, "--resume"), env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _weights(whole), _weights(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -1,0 +1,158 @@
+"""The vision networks: FLOPs (analytic vs torch's FLOP counter, dense = moe), parameter matching
+of dense-wide, sparse dispatch (each image runs only its k experts), CondConv against a per-image
+reference, the whitening filters, the router's gradient, and impossible configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from moe_apps.vision.config import (
+    ModelConfig,
+    RecipeConfig,
+    VisionConfig,
+    get_preset,
+    with_overrides,
+)
+from moe_apps.vision.model import (
+    CondConv2d,
+    ExpertStage,
+    build_model,
+    count_parameters,
+    flops_per_image,
+)
+
+SMALL = dict(widths=(16, 32, 32), whitening_width=8)
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def counted_macs_per_image(model: torch.nn.Module, n: int = 16) -> float:
+    """Multiply-adds per image of one eval forward, as torch's FlopCounterMode counts them."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(_images(n))
+    return counter.get_total_flops() / 2 / n
+
+
+@pytest.mark.parametrize("model_name", ["dense", "moe", "condconv"])
+def test_analytic_flops_match_the_flop_counter(model_name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model=model_name, expert_stages=(1, 2), num_experts=3, **SMALL))
+    model.fit_whitening(_images(64))
+    counted = counted_macs_per_image(model)
+    # The counter also sees the kernel-mixing einsum of condconv; both leave out BN/pool/activations.
+    assert flops_per_image(model.config, model.widths) == pytest.approx(counted, rel=2e-3)
+
+
+@pytest.mark.parametrize("top_k,stages", [(1, (2,)), (2, (2,)), (1, (1, 2))])
+def test_dense_has_the_flops_of_moe(top_k: int, stages: tuple[int, ...]) -> None:
+    moe = build_model(ModelConfig(model="moe", top_k=top_k, expert_stages=stages))
+    dense = build_model(ModelConfig(model="dense", top_k=top_k, expert_stages=stages))
+    moe_flops = flops_per_image(moe.config, moe.widths)
+    dense_flops = flops_per_image(dense.config, dense.widths)
+    assert dense_flops == pytest.approx(moe_flops, rel=0.01)
+    if top_k == 2:  # two experts per image: the dense stage is wider
+        assert dense.widths[2] > moe.widths[2]
+    assert counted_macs_per_image(moe, 8) == pytest.approx(moe_flops, rel=2e-3)
+
+
+def test_dense_wide_has_the_parameters_of_moe() -> None:
+    moe = build_model(ModelConfig(model="moe"))
+    wide = build_model(ModelConfig(model="dense-wide"))
+    assert count_parameters(wide) == pytest.approx(count_parameters(moe), rel=0.01)
+    assert wide.widths[2] > 2 * moe.widths[2]  # one stage, 2.4x wider: 1.5x the FLOPs of moe
+    assert flops_per_image(wide.config, wide.widths) > 1.4 * flops_per_image(moe.config, moe.widths)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_each_image_runs_only_its_experts(top_k: int) -> None:
+    torch.manual_seed(0)
+    stage = ExpertStage(8, 16, num_experts=4, top_k=top_k, bn_momentum=0.6).train()
+    seen = []
+    for expert in stage.moe.experts.experts:
+        expert.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[0]))
+    x = torch.randn(40, 8, 12, 12)
+    out, experts_BK = stage(x)
+    assert out.shape == (40, 16, 6, 6) and experts_BK.shape == (40, top_k)
+    assert sum(seen) == 40 * top_k  # not 4 * 40: no expert sees an image that did not pick it
+    # output of image b = its chosen experts' outputs, weighted (weights sum to 1 in the forward)
+    routing = stage.moe.router(stage.router_input(x))
+    assert torch.allclose(routing.combine_weights_TK.sum(-1), torch.ones(40))
+    stage.eval()
+    out, experts_BK = stage(x)
+    routing = stage.moe.router(stage.router_input(x))
+    for b in (0, 17, 39):
+        want = sum(w * stage.moe.experts.experts[e](x[b:b + 1])[0]
+                   for e, w in zip(experts_BK[b].tolist(), routing.combine_weights_TK[b], strict=True))
+        torch.testing.assert_close(out[b], want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_router_learns_from_the_task_loss_with_top1() -> None:
+    torch.manual_seed(0)
+    stage = ExpertStage(8, 16, num_experts=4, top_k=1, bn_momentum=0.6)
+    out, _ = stage(torch.randn(32, 8, 12, 12))
+    out.square().mean().backward()
+    gate = stage.moe.router.inner.gate.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_condconv_matches_a_per_image_reference() -> None:
+    torch.manual_seed(0)
+    conv = CondConv2d(6, 10, num_experts=3)
+    x = torch.randn(5, 6, 9, 9)
+    got = conv(x)
+    probs = torch.softmax(F.linear(x.mean(dim=(-2, -1)), conv.router.gate.weight), -1)
+    for b in range(5):
+        kernel = sum(probs[b, e] * conv.weight_EOI33[e] for e in range(3))
+        torch.testing.assert_close(got[b:b + 1], F.conv2d(x[b:b + 1], kernel, padding=1), rtol=1e-4, atol=1e-5)
+
+
+def test_whitening_decorrelates_patches() -> None:
+    model = build_model(ModelConfig(model="dense", **SMALL))
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(256, 3, 8, 8, generator=g), size=32, mode="bilinear") * 255
+    images = smooth.to(torch.uint8)
+    model.fit_whitening(images)
+    with torch.no_grad():
+        h = F.conv2d(model.normalise(images), model.whiten.weight)  # no bias
+    half = model.whiten.width // 2
+    feats = h[:, :half].permute(0, 2, 3, 1).reshape(-1, half).double()
+    cov = torch.cov(feats.T)
+    torch.testing.assert_close(torch.diagonal(cov), torch.ones(half, dtype=torch.float64), rtol=0.05, atol=0.05)
+    assert (cov - torch.diag(torch.diagonal(cov))).abs().max() < 0.05
+    torch.testing.assert_close(h[:, half:], -h[:, :half])
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(top_k=5, num_experts=4), "top_k"),
+    (dict(num_experts=0), "num_experts"),
+    (dict(top_k=0), "top_k"),
+    (dict(expert_stages=(3,)), "expert stage"),
+    (dict(model="mlp"), "model must be"),
+])
+def test_impossible_model_configs_are_refused(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**changes)
+
+
+def test_impossible_recipes_are_refused() -> None:
+    with pytest.raises(ValueError, match="epochs"):
+        RecipeConfig(epochs=0)
+    with pytest.raises(ValueError, match="top_k"):
+        with_overrides(get_preset("smoke"), top_k=9)
+    with pytest.raises(ValueError, match="validation"):
+        VisionConfig(validation=100, train_limit=50)
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("huge")
+
+
+def test_config_round_trips_through_json() -> None:
+    import json
+
+    config = with_overrides(get_preset("smoke"), model="condconv", num_experts=3, seed=7)
+    assert VisionConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
