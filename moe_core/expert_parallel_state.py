@@ -17,6 +17,8 @@ when rank 0 cannot hold the whole model, which is not the case here (stated in t
 replica groups across them); `average_gradients` averages gradients the way DDP does (the gradient
 of the mean of the ranks' losses): dense parameters over the whole world, expert parameters only
 over the ranks that hold the same experts (their replica group), each divided by the world size.
+`data_parallel` wraps a model whose experts are split over the whole world in torch's
+``DistributedDataParallel`` for its dense parameters, the experts left out of DDP's all-reduce.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from moe_core.expert_parallel import ExpertParallelMoE
 
@@ -191,3 +194,29 @@ def average_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) 
         flat.div_(world)
         for grad, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             grad.copy_(part.view_as(grad))
+
+
+def data_parallel(model: nn.Module, **ddp_options) -> DistributedDataParallel:
+    """``DistributedDataParallel(model, **ddp_options)`` for the dense parameters only: the expert
+    parameters of its expert-parallel layers (split over the whole world) are left out of DDP's
+    broadcast and all-reduce, and their gradients, which the all-to-all backward already sums over
+    every rank's tokens, are divided by the world size like DDP's mean. Same gradients as
+    `average_gradients`; DDP overlaps its bucketed all-reduce with the backward. Checkpoint the
+    wrapped ``.module`` with `full_state_dict`."""
+    layers = expert_parallel_layers(model)
+    world = dist.get_world_size()
+    for _, layer in layers:
+        if layer.group_size != world or layer.replica_group is not None:
+            raise ValueError(
+                "data_parallel takes expert-parallel layers split over the whole world; with "
+                "several expert-parallel groups use average_gradients(model) after backward"
+            )
+    ignored = [f"{name}.experts.{pname}" if name else f"experts.{pname}"
+               for name, layer in layers for pname, _ in layer.experts.named_parameters()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    for _, layer in layers:
+        if not getattr(layer, "_mean_hooks", False):  # once, however often the model is wrapped
+            for param in layer.experts.parameters():
+                param.register_hook(lambda grad: grad / world)
+            layer._mean_hooks = True
+    return DistributedDataParallel(model, **ddp_options)

@@ -16,11 +16,12 @@ from moe_core import ExpertBank, MoE, TopKRouter, collect_aux_losses, weighted_a
 
 STEPS, SAVE_AT, BATCH, LR = 6, 3, 16, 1e-2
 AUX = {"load_balance": 0.01, "z_loss": 0.001, "importance": 0.01}
-MODES = {"ep": (1.25, AUX), "dp": (None, {})}
+MODES = {"ep": (1.25, AUX), "dp": (None, {}), "ddp": (1.25, AUX)}
 """mode -> (capacity factor, aux coefficients): ``ep`` splits the 4 experts over the 2 ranks
 (capacity and aux losses over the 16 tokens of the group); ``dp`` keeps all experts on every rank
 (groups of 1) and averages their gradients over the replica group; its capacity and aux losses
-would count each rank's 8 tokens only, so it runs dropless without aux losses."""
+would count each rank's 8 tokens only, so it runs dropless without aux losses; ``ddp`` is ``ep``
+under torch's DistributedDataParallel (`data_parallel`) instead of `average_gradients`."""
 
 
 class TinyModel(nn.Module):
@@ -67,9 +68,10 @@ def train_one_process(model, optimizer, steps) -> list[float]:
     return logged
 
 
-def _train_group(model, optimizer, steps, rank: int, world: int) -> list[float]:
+def _train_group(model, optimizer, steps, rank: int, world: int, ddp: bool = False, grads: dict | None = None) -> list[float]:
     """Each rank its share of the global batch; DDP-style averaged gradients; the logged loss is
-    the global one (mean of the ranks' task losses + the group's aux term)."""
+    the global one (mean of the ranks' task losses + the group's aux term). ``grads`` (a dict)
+    receives the synchronised gradients of step 0."""
     from moe_core.expert_parallel_state import average_gradients
 
     share = BATCH // world
@@ -79,7 +81,10 @@ def _train_group(model, optimizer, steps, rank: int, world: int) -> list[float]:
         task, aux = losses(model, x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])
         optimizer.zero_grad()
         (task + aux).backward()
-        average_gradients(model)
+        if not ddp:
+            average_gradients(model)
+        if step == 0 and grads is not None:
+            grads.update({n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters()})
         optimizer.step()
         global_task = task.detach().clone()
         dist.all_reduce(global_task)
@@ -99,6 +104,7 @@ def train_worker(rank: int, world: int, out_dir: str) -> None:
     after SAVE_AT steps), then the ``ep`` model resumed from the one-process checkpoint."""
     from moe_core.expert_parallel import to_expert_parallel
     from moe_core.expert_parallel_state import (
+        data_parallel,
         expert_parallel_groups,
         full_optimizer_state_dict,
         full_state_dict,
@@ -108,16 +114,22 @@ def train_worker(rank: int, world: int, out_dir: str) -> None:
 
     results = {}
     for mode in MODES:
-        group, replica = expert_parallel_groups(world if mode == "ep" else 1)
-        model = to_expert_parallel(build(mode), group, replica)
+        if mode == "ddp":
+            model = data_parallel(to_expert_parallel(build(mode)))
+            model.aux_coefficients = model.module.aux_coefficients
+        else:
+            group, replica = expert_parallel_groups(world if mode == "ep" else 1)
+            model = to_expert_parallel(build(mode), group, replica)
         optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-        logged = _train_group(model, optimizer, range(SAVE_AT), rank, world)
+        ddp = mode == "ddp"
+        results[f"{mode}_grads"] = {}
+        logged = _train_group(model, optimizer, range(SAVE_AT), rank, world, ddp, results[f"{mode}_grads"])
         if mode == "ep":
             state = {"model": full_state_dict(model), "optimizer": full_optimizer_state_dict(model, optimizer)}
             if rank == 0:
                 torch.save(state, os.path.join(out_dir, "ep_ckpt.pt"))
             results["ep_probe"] = _probe(model, rank, world)
-        logged += _train_group(model, optimizer, range(SAVE_AT, STEPS), rank, world)
+        logged += _train_group(model, optimizer, range(SAVE_AT, STEPS), rank, world, ddp)
         results[f"{mode}_losses"] = logged
 
     model = to_expert_parallel(build("ep"))
