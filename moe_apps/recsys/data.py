@@ -80,8 +80,11 @@ def make_split(data: MovieLensData, split: str, seed: int) -> tuple[Ratings, Rat
         train, test = data.folds[split]
     elif split == "random":
         train, test = random_split(data.ratings, seed)
-    else:
+    elif split == "temporal":
         train, test = temporal_split(data.ratings)
+    else:  # three parts (e.g. recbole): moe_apps.recsys.splits.protocol_parts
+        raise ValueError(f"split {split!r} has a validation part of its own; use "
+                         "moe_apps.recsys.splits.protocol_parts")
     for part, ratings in (("train", train), ("test", test)):
         if len(ratings) == 0:
             raise ValueError(f"split {split!r} of {data.name} has an empty {part} part")

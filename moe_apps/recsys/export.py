@@ -157,3 +157,11 @@ def export_model(model: nn.Module, features: Features, tasks: Sequence[Any], use
         raise
     return ExportInfo(out_dir, out_dir / PROGRAM, info)
 
+
+
+def export_run(loaded: Any, out_dir: str | Path) -> ExportInfo:
+    """Export a loaded run (`moe_apps.recsys.train.LoadedRun`: config, model, run data)."""
+    config, run = loaded.config, loaded.run
+    return export_model(loaded.model, run.features, config.model.tasks, run.data.users.raw_id,
+                        run.data.items.raw_id, out_dir,
+                        extra={"model": config.model.model, "dataset": config.dataset, "split": config.split})

@@ -219,7 +219,14 @@ def evaluate_ranking(model: torch.nn.Module, features: Features, tasks: Sequence
                      relevant: Ratings, num_users: int, num_items: int, ks: Sequence[int] = KS,
                      device: torch.device | str | None = None) -> dict[str, float]:
     """Full-ranking metrics of ``model``: candidates = movies not in ``seen`` (the training part),
-    relevant = ``relevant`` (the test or validation ratings), liked = those rated >= 4."""
+    relevant = ``relevant`` (the test or validation ratings), liked = those rated >= 4.
+
+    The documented answer for a catalogue smaller than a K of ``ks``: that K is left out (a
+    catalogue of fewer than ``min(ks)`` movies gives no ranking metrics); `full_ranking` itself
+    refuses such a K with a one-line error."""
+    ks = tuple(k for k in ks if k <= num_items)
+    if not ks:
+        return {}
     was_training = model.training
     model.eval()
     try:

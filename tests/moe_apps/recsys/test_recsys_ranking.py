@@ -37,7 +37,7 @@ def reference(scores: np.ndarray, seen: np.ndarray, relevant: np.ndarray, k: int
 @pytest.mark.parametrize("ties", [False, True])
 def test_full_ranking_matches_per_user_reference(ties: bool) -> None:
     rng = np.random.default_rng(3)
-    U, I = 37, 25
+    U, I = 37, 25  # noqa: E741 (the shape letters)
     scores = rng.integers(0, 4, (U, I)).astype(np.float32) if ties else rng.normal(size=(U, I)).astype(np.float32)
     seen = rng.random((U, I)) < 0.4
     seen[0] = True  # a user who rated every movie in training: no candidate
