@@ -107,9 +107,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--no-train", action="store_true", help="Only the step-time measurement.")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--from-json", type=Path, nargs="+", default=None,
+                        help="Print the table of results saved with --json, runs merged (nothing is run).")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.from_json:
+        saved = [json.loads(path.read_text()) for path in args.from_json]
+        runs = [run for result in saved for run in result["runs"]]
+        timing = next((r["step_time"] for r in saved if r["step_time"]), None)
+        print_table(summarise(runs, list(dict.fromkeys(r["model"] for r in runs))), timing)
+        return
     if args.one:
         result = run_one(args.one[0], int(args.one[1]), args.preset, args.epochs, args.out, args.data_dir)
         print("RESULT " + json.dumps(result), flush=True)
@@ -134,8 +142,17 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     timing = step_times(args.rounds, args.batch_size, args.data_dir) if args.step_time else None
 
+    summary = summarise(runs, args.models)
+    if args.json:
+        print(json.dumps({"preset": args.preset, "runs": runs, "summary": summary, "step_time": timing}))
+        return
+    print_table(summary, timing)
+
+
+def summarise(runs: list[dict], models: list[str]) -> dict:
+    """Per model: seeds, mean +- std test accuracy, mean training time and images/s, max peak memory."""
     summary = {}
-    for model in args.models:
+    for model in models:
         rows = [r for r in runs if r["model"] == model]
         if not rows:
             continue
@@ -148,9 +165,10 @@ def main(argv: list[str] | None = None) -> None:
             "peak_train_mib_max": max(r["peak_train_mib"] for r in rows),
             "parameters": rows[0]["parameters"], "flops": rows[0]["flops"],
         }
-    if args.json:
-        print(json.dumps({"preset": args.preset, "runs": runs, "summary": summary, "step_time": timing}))
-        return
+    return summary
+
+
+def print_table(summary: dict, timing: dict | None) -> None:
     if summary:
         print("| model | seeds | epochs | test acc. (TTA) mean +- std | train s | images/s | peak train RSS MiB | params | MMACs/image |")
         print("|---|---|---|---|---|---|---|---|---|")

@@ -1,0 +1,35 @@
+"""benchmarks/vision_quality.py runs end to end on the smoke preset and a synthetic CIFAR-10:
+both models train in child processes, the step-time ratio is measured, the table merges saved runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "vision_quality.py"
+
+
+def test_vision_quality_benchmark_smoke(cifar_data: Path, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "smoke", "--models", "moe", "dense", "--seeds", "0",
+         "--data-dir", str(cifar_data), "--out", str(tmp_path / "runs"), "--step-time", "--rounds", "2",
+         "--batch-size", "16", "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert [r["model"] for r in result["runs"]] == ["moe", "dense"]
+    for run in result["runs"]:
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["train_seconds"] > 0 and run["peak_train_mib"] > 100
+    moe, dense = result["summary"]["moe"], result["summary"]["dense"]
+    assert abs(moe["flops"] - dense["flops"]) <= 0.01 * moe["flops"]
+    assert moe["parameters"] > dense["parameters"]
+    timing = result["step_time"]
+    assert timing["ratio"] == timing["moe_s"] / timing["dense_s"] > 0
+    saved = tmp_path / "result.json"
+    saved.write_text(done.stdout)
+    table = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(saved), str(saved)],
+                           capture_output=True, text=True, timeout=60)
+    assert table.returncode == 0, table.stderr
+    assert "| moe | 2 (0, 0) | 2 |" in table.stdout and "ratio" in table.stdout
