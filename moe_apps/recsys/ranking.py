@@ -193,33 +193,32 @@ def ranking_score_name(tasks: Sequence) -> str:
     return f"P({binary[0]})" if binary else tasks[0].name
 
 
-def model_scorer(model: torch.nn.Module, features: Features, tasks: Sequence, num_items: int,
-                 device: torch.device | str | None = None,
-                 max_pairs: int = 32768) -> Callable[[Tensor], Tensor]:
-    """``score_users`` for `full_ranking`: the model's `ranking_score` of every movie, computed
-    on `CandidateBatch`es of at most ``max_pairs`` (user, movie) pairs (the model in eval mode)."""
+@torch.no_grad()
+def predict_catalogue(model: torch.nn.Module, features: Features, user_U: Tensor, num_items: int,
+                      device: torch.device | str | None = None, max_pairs: int = 32768) -> Tensor:
+    """``(U, I, T)`` per-task predictions of every movie for users ``user_U``, computed on
+    `CandidateBatch`es of at most ``max_pairs`` pairs (the model in eval mode)."""
     items_I = torch.arange(num_items)
     users_per_chunk = max(1, max_pairs // num_items)
-
-    @torch.no_grad()
-    def score_users(user_U: Tensor) -> Tensor:
-        scores = []
-        for start in range(0, len(user_U), users_per_chunk):
-            batch = candidate_batch(features, user_U[start:start + users_per_chunk], items_I)
-            if device is not None:
-                batch = batch.to(device)
-            predictions_BT = model(batch).predictions_BT.float()
-            scores.append(ranking_score(predictions_BT, tasks).view(-1, num_items).cpu())
-        return torch.cat(scores)
-
-    return score_users
+    chunks = []
+    for start in range(0, len(user_U), users_per_chunk):
+        batch = candidate_batch(features, user_U[start:start + users_per_chunk], items_I)
+        if device is not None:
+            batch = batch.to(device)
+        predictions_BT = model(batch).predictions_BT.float().cpu()
+        chunks.append(predictions_BT.view(-1, num_items, predictions_BT.shape[1]))
+    if not chunks:
+        return torch.zeros(0, num_items, 0)
+    return torch.cat(chunks)
 
 
 def evaluate_ranking(model: torch.nn.Module, features: Features, tasks: Sequence, seen: Ratings,
                      relevant: Ratings, num_users: int, num_items: int, ks: Sequence[int] = KS,
                      device: torch.device | str | None = None) -> dict[str, float]:
-    """Full-ranking metrics of ``model``: candidates = movies not in ``seen`` (the training part),
-    relevant = ``relevant`` (the test or validation ratings), liked = those rated >= 4.
+    """Full-ranking metrics of ``model`` by its `ranking_score`: candidates = movies not in
+    ``seen`` (the training part), relevant = ``relevant`` (the test or validation ratings), liked
+    = those rated >= 4. A model with an implicit ``rated`` task and others also reports the list
+    ranked by P(rate) alone, under the prefix ``by_rate_`` (from the same predictions).
 
     The documented answer for a catalogue smaller than a K of ``ks``: that K is left out (a
     catalogue of fewer than ``min(ks)`` movies gives no ranking metrics); `full_ranking` itself
@@ -227,14 +226,29 @@ def evaluate_ranking(model: torch.nn.Module, features: Features, tasks: Sequence
     ks = tuple(k for k in ks if k <= num_items)
     if not ks:
         return {}
+    seen_UI = interaction_matrix(seen, num_users, num_items)
+    relevant_UI = interaction_matrix(relevant, num_users, num_items)
+    liked_UI = interaction_matrix(relevant, num_users, num_items, min_rating=LIKE_THRESHOLD)
+    needed_U = torch.nonzero((relevant_UI & ~seen_UI).any(1)).flatten()
+    row_of = torch.full((num_users,), -1, dtype=torch.int64)
+    row_of[needed_U] = torch.arange(len(needed_U))
     was_training = model.training
     model.eval()
     try:
-        result = full_ranking(
-            model_scorer(model, features, tasks, num_items, device),
-            interaction_matrix(seen, num_users, num_items),
-            interaction_matrix(relevant, num_users, num_items),
-            interaction_matrix(relevant, num_users, num_items, min_rating=LIKE_THRESHOLD), ks)
+        predictions_UIT = predict_catalogue(model, features, needed_U, num_items, device)
     finally:
         model.train(was_training)
-    return result.metrics
+    targets = [t.target for t in tasks]
+    scores: dict[str, Callable[[Tensor], Tensor]] = {"": lambda p: ranking_score(p, tasks)}
+    if RATE_TARGET in targets and len(tasks) > 1:
+        scores["by_rate_"] = lambda p: p[:, targets.index(RATE_TARGET)]
+    metrics: dict[str, float] = {}
+    for prefix, score in scores.items():
+        def score_users(user_U: Tensor, score=score) -> Tensor:
+            p_UIT = predictions_UIT[row_of[user_U]]
+            return score(p_UIT.reshape(-1, p_UIT.shape[-1])).view(len(user_U), num_items)
+
+        result = full_ranking(score_users, seen_UI, relevant_UI, liked_UI, ks)
+        metrics.update({f"{prefix}{k}": v for k, v in result.metrics.items()
+                        if not (prefix and "users" in k)})
+    return metrics

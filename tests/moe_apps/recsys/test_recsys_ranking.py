@@ -103,3 +103,40 @@ def test_ranking_score_is_rate_times_like_for_the_task_mix() -> None:
     p = torch.tensor([[0.5, 0.2, 3.0], [0.9, 0.8, 4.0]])
     torch.testing.assert_close(ranking_score(p, (rate, LIKE, RATING)), torch.tensor([0.1, 0.72]))
     torch.testing.assert_close(ranking_score(p[:, 1:], (LIKE, RATING)), torch.tensor([0.2, 0.8]))
+
+
+class _TableModel(torch.nn.Module):
+    """Predictions read from a fixed (users, movies, tasks) table, for candidate batches."""
+
+    def __init__(self, table_UIT: torch.Tensor, user_rows: torch.Tensor) -> None:
+        super().__init__()
+        self.table_UIT, self.user_rows = table_UIT, user_rows
+
+    def forward(self, batch):
+        users = batch.user_sparse.to_dict()["user"].values()  # the batch's user indices
+        return SimpleNamespace(predictions_BT=self.table_UIT[users[batch.pair_user_B], batch.pair_item_B])
+
+
+def test_evaluate_ranking_ranks_the_model_predictions_and_rate_alone() -> None:
+    from test_recsys_protocols import _random_data
+
+    from moe_apps.recsys.data import build_features
+    from moe_apps.recsys.ranking import evaluate_ranking
+    from moe_apps.recsys.splits import protocol_parts
+
+    data = _random_data()
+    parts = protocol_parts(data, "random", seed=0, val_fraction=0.1)
+    features = build_features(data, parts.fit)
+    table = torch.rand(40, 60, 2, generator=torch.Generator().manual_seed(0))
+    tasks = (SimpleNamespace(name="rate", kind="binary", target="rated"), LIKE)
+    got = evaluate_ranking(_TableModel(table, torch.arange(40)), features, tasks, parts.train,
+                           parts.test, 40, 60, ks=(5, 10))
+    masks = [interaction_matrix(r, 40, 60, m) for r, m in ((parts.train, None), (parts.test, None),
+                                                          (parts.test, 4.0))]
+    product = full_ranking(lambda u: table[u, :, 0] * table[u, :, 1], *masks, ks=(5, 10)).metrics
+    rate = full_ranking(lambda u: table[u, :, 0], *masks, ks=(5, 10)).metrics
+    assert got["ndcg@10"] == pytest.approx(product["ndcg@10"]) and got["ndcg@10"] != got["by_rate_ndcg@10"]
+    assert got["by_rate_ndcg@10"] == pytest.approx(rate["ndcg@10"])
+    assert got["liked_recall@5"] == pytest.approx(product["liked_recall@5"])
+    assert evaluate_ranking(_TableModel(table, torch.arange(40)), features, tasks, parts.train,
+                            parts.test, 40, 60, ks=(61,)) == {}  # K above the catalogue: left out
