@@ -156,3 +156,12 @@ def test_config_round_trips_through_json() -> None:
 
     config = with_overrides(get_preset("smoke"), model="condconv", num_experts=3, seed=7)
     assert VisionConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("model_name", ["condconv", "dense"])
+def test_other_models_train_and_learn(model_name: str, cifar_data, tmp_path) -> None:
+    from moe_apps.vision.train import train
+
+    config = with_overrides(get_preset("smoke"), model=model_name, epochs=2)
+    outcome = train(config, tmp_path / model_name, data_dir=cifar_data, progress=False, evaluate=False)
+    assert outcome.val_metrics["accuracy"] > 0.3  # 10 synthetic classes: chance is 0.1
