@@ -8,8 +8,11 @@ the same global batch of T tokens and times ``--steps`` training steps (forward,
 `average_gradients`, Adam) after ``--warmup`` ones. It reports
 
 * ``tokens_per_s`` per process count: global tokens per second of training steps;
-* ``all_to_all_share`` per process count: the fraction of the step time spent inside the
-  all-to-alls (forward and backward, mean over ranks; it includes waiting for the slowest rank);
+* ``all_to_all_share`` per process count: the fraction of the step time spent inside the MoE
+  layer's collectives (the token all-to-alls forward and backward, plus the small exchanges of the
+  slot counts and of the aux-loss / stats sums; mean over ranks; it includes waiting for the
+  slowest rank), and ``grad_allreduce_share``: the same for `average_gradients` (the all-reduce of
+  the dense gradients);
 * ``outputs_max_abs_diff`` / ``grads_max_abs_diff``: P-process outputs and gradients (input,
   router, expert weights) against one process on the first batch, before any update;
 * ``checkpoint_2to1_max_abs_diff``: the P-process model after the timed steps is saved with
@@ -75,7 +78,7 @@ def worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     layer = build_layer(args)
     model = layer if world == 1 else ExpertParallelMoE.from_moe(layer)
-    timer = CommTimer()
+    timer, grad_timer = CommTimer(), CommTimer()
     model.comm_timer = timer if world > 1 else None
     share = args.tokens // world
     part = slice(rank * share, (rank + 1) * share)
@@ -92,17 +95,19 @@ def worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             dist.barrier()
-            timer.seconds, start = 0.0, time.perf_counter()
+            timer.seconds, grad_timer.seconds, start = 0.0, 0.0, time.perf_counter()
         x, g = batch(args, 1 + step)
         out = model(x[part])
         loss = (out.output * g[part]).square().mean() + weighted_aux_loss(collect_aux_losses(model), AUX)
         optimizer.zero_grad()
         loss.backward()
         if world > 1:
-            average_gradients(model)
+            with grad_timer:
+                average_gradients(model)
         optimizer.step()
     dist.barrier()
     result["elapsed"], result["comm"] = time.perf_counter() - start, timer.seconds
+    result["grad_comm"] = grad_timer.seconds
     with torch.no_grad():
         result["probe"] = model(batch(args, -1)[0][part]).output
     state = full_state_dict(model) if world > 1 else model.state_dict()
@@ -165,7 +170,7 @@ def main() -> None:
         sys.exit(f"--nprocs {bad}: every process count must divide --experts={args.experts} and --tokens={args.tokens}")
 
     report: dict = {"config": {k: v for k, v in vars(args).items() if k != "json"},
-                    "tokens_per_s": {}, "all_to_all_share": {}, "step_ms": {}}
+                    "tokens_per_s": {}, "all_to_all_share": {}, "grad_allreduce_share": {}, "step_ms": {}}
     for world in counts:
         with tempfile.TemporaryDirectory() as out_dir:
             results = run(args, world, out_dir)
@@ -173,12 +178,15 @@ def main() -> None:
             report["tokens_per_s"][str(world)] = args.tokens * args.steps / elapsed
             report["step_ms"][str(world)] = 1000 * elapsed / args.steps
             report["all_to_all_share"][str(world)] = sum(r["comm"] / r["elapsed"] for r in results) / world
+            report["grad_allreduce_share"][str(world)] = sum(r["grad_comm"] / r["elapsed"] for r in results) / world
             if world > 1 and "outputs_max_abs_diff" not in report:
                 report.update(compare(args, results, out_dir))
         if not args.json:
             print(f"P={world}: {report['tokens_per_s'][str(world)]:9.0f} tokens/s  "
                   f"{report['step_ms'][str(world)]:8.1f} ms/step  "
-                  f"all-to-all {100 * report['all_to_all_share'][str(world)]:5.1f}% of the step", flush=True)
+                  f"all-to-all {100 * report['all_to_all_share'][str(world)]:5.1f}%  "
+                  f"grad all-reduce {100 * report['grad_allreduce_share'][str(world)]:5.1f}% of the step",
+                  flush=True)
     if args.json:
         print(json.dumps(report))
     else:

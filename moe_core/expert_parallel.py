@@ -103,17 +103,19 @@ class _AllReduceSum(torch.autograd.Function):
     the ranks' losses)."""
 
     @staticmethod
-    def forward(ctx, x, group):  # type: ignore[override]
-        ctx.group = group
+    def forward(ctx, x, group, timer):  # type: ignore[override]
+        ctx.group, ctx.timer = group, timer
         x = x.clone()
-        dist.all_reduce(x, group=group)
+        with timer or contextlib.nullcontext():
+            dist.all_reduce(x, group=group)
         return x
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        with ctx.timer or contextlib.nullcontext():
+            dist.all_reduce(grad, group=ctx.group)
+        return grad, None, None
 
 
 def shard_expert_bank(bank: ExpertBank, experts: range) -> ExpertBank:
@@ -149,8 +151,9 @@ class ExpertParallelMoE(nn.Module):
             when several groups run side by side); `average_gradients` averages expert gradients
             over it. None: no other rank holds these experts.
 
-    ``comm_timer``: None, or a context manager entered around every all-to-all (forward and
-    backward), for a benchmark's share of time in communication.
+    ``comm_timer``: None, or a context manager entered around every collective of the layer (the
+    all-to-alls forward and backward, the count exchange, the loss and stats all-reduces), for a
+    benchmark's share of time in communication.
     """
 
     def __init__(
@@ -284,7 +287,8 @@ class ExpertParallelMoE(nn.Module):
         counts_E[:E].scatter_add_(0, expert_S, torch.ones_like(expert_S))
         counts_E[E] = T
         table_parts = [torch.empty_like(counts_E) for _ in range(G)]
-        dist.all_gather(table_parts, counts_E, group=group)
+        with self.comm_timer or contextlib.nullcontext():
+            dist.all_gather(table_parts, counts_E, group=group)
         table = torch.stack(table_parts).cpu()  # the one host copy: every split size below
         T_group, offset = int(table[:, E].sum()), int(table[: self.group_rank, E].sum())
         top_k = None if routing.is_expert_choice else routing.top_k
@@ -306,7 +310,7 @@ class ExpertParallelMoE(nn.Module):
                 key_S = (slot_S // max(T, 1)) * T_group + offset + slot_S % max(T, 1)
             else:
                 key_S = int(table[: self.group_rank, :E].sum()) + slot_S
-            key_R = _all_to_all(key_S[order_S], send_sizes, recv_sizes, group, None)
+            key_R = _all_to_all(key_S[order_S], send_sizes, recv_sizes, group, self.comm_timer)
             priority_R = torch.argsort(key_R)
             slots = sort_slots(local_R[priority_R], L, capacity)
             perm_R = priority_R[slots.order_S]
@@ -318,7 +322,7 @@ class ExpertParallelMoE(nn.Module):
         if capacity is not None:
             kept_R = torch.empty_like(slots.kept_S)
             kept_R[priority_R] = slots.kept_S
-            kept_back = _all_to_all(kept_R.to(torch.uint8), recv_sizes, send_sizes, group, None)
+            kept_back = _all_to_all(kept_R.to(torch.uint8), recv_sizes, send_sizes, group, self.comm_timer)
             kept_S = torch.empty_like(kept_back).scatter_(0, order_S, kept_back).bool()
         weighted = y_back * weight_S[order_S].to(y_back.dtype).unsqueeze(1)
         rows_KT = None
@@ -335,7 +339,7 @@ class ExpertParallelMoE(nn.Module):
         parts = [probs_TE.sum(0), dense_gates(routing).sum(0)]
         if routing.logits_TE is not None:
             parts.append(torch.logsumexp(routing.logits_TE.float(), dim=-1).square().sum().reshape(1))
-        sums = _AllReduceSum.apply(torch.cat(parts), self.group)
+        sums = _AllReduceSum.apply(torch.cat(parts), self.group, self.comm_timer)
         n = max(int(table[:, E].sum()), 1)
         aux: dict[str, Tensor] = {}
         if not routing.is_expert_choice:  # Switch: E * sum_e f_e * P_e
@@ -363,7 +367,8 @@ class ExpertParallelMoE(nn.Module):
         entropy = -torch.special.xlogy(probs_TE, probs_TE).sum()
         local = torch.cat([counts_E, torch.stack([dropped.double(), entropy.double()]),
                            torch.tensor([dropped_of, T], dtype=torch.float64, device=device)])
-        dist.all_reduce(local, group=self.group)
+        with self.comm_timer or contextlib.nullcontext():
+            dist.all_reduce(local, group=self.group)
         host = local.cpu()
         counts = host[:E].round().long()
         dropped_f, entropy_sum, dropped_of_f, n_real = host[E:].tolist()
