@@ -13,6 +13,7 @@ import typer
 from moe_apps import __version__
 from moe_apps.datasets.cli import app as data_app
 from moe_apps.recsys.cli import app as recsys_app
+from moe_apps.translation.cli import app as translation_app
 from moe_apps.vision.cli import app as vision_app
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(recsys_app, name="recsys")
+app.add_typer(translation_app, name="translation")
 app.add_typer(vision_app, name="vision")
 
 

@@ -1,0 +1,334 @@
+"""Train, score and use translation runs (what `moe-apps translation train / eval / translate` call).
+
+The run folder is the platform's (`moe_apps.training.run`: config.json, the lock, refusals) plus
+``spm.model`` (the vocabulary, learned on the run's training pairs before the first step), the
+loop's files, and after training ``routing.json`` / ``routing.png`` (expert load and drop rate per
+MoE layer on the validation set, with the training-time drop rate from metrics.jsonl) and
+``train_summary.json`` (wall time, updates, target tokens/s). `evaluate` writes its hypotheses to
+``hypotheses/<name>.beam<K>.txt`` and its scores to ``eval/<name>.beam<K>.json``.
+
+Scores are sacreBLEU (Post 2018) BLEU and chrF on detokenized, cased text against the raw
+references (13a tokenization), with the lowercased BLEU beside them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moe_apps.atomic import atomic_write
+from moe_apps.datasets import load_multi30k, resolve_data_root
+from moe_apps.training import fit, load_checkpoint, resolve_device, set_seed
+from moe_apps.training.run import check_run_folder, open_run, start_run
+from moe_apps.training.runtime import autocast
+from moe_apps.translation.config import TranslationConfig
+from moe_apps.translation.data import EncodedPairs, TrainStream, eval_batches, read_parallel_files
+from moe_apps.translation.decode import beam_decode
+from moe_apps.translation.model import Seq2SeqTransformer, build_model, count_parameters
+from moe_apps.translation.task import TranslationTask
+from moe_apps.translation.vocab import MODEL_FILE, Vocab, load_vocab, train_vocab
+from moe_core.diagnostics import StatsAccumulator
+
+APP = "translation"
+RESUME_FREE = ("epochs", "device")  # train options --resume may change
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _side(pairs: Any, language: str) -> list[str]:
+    return list(pairs.de if language == "de" else pairs.en)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What `train` returns."""
+
+    run_dir: Path
+    config: TranslationConfig
+    best_epoch: int
+    val_metrics: dict[str, float]
+    parameters: dict[str, int]
+    seconds: float
+    target_tokens_per_s: float
+
+
+def read_run_config(run_dir: str | Path) -> tuple[TranslationConfig, Path | None]:
+    """(config, data folder) of a translation run; RunError if ``run_dir`` is not one."""
+    info = open_run(run_dir, app=APP)
+    return TranslationConfig.from_dict(info.config), info.data_root
+
+
+def check_resume(saved: TranslationConfig, config: TranslationConfig, run_dir: Path) -> None:
+    """ValueError unless ``config`` differs from the saved one only in epochs / device."""
+    free = {name: getattr(config.train, name) for name in RESUME_FREE}
+    if replace(saved, train=replace(saved.train, **free)) != replace(config, train=replace(config.train, progress=saved.train.progress)):
+        raise ValueError(f"--resume: the options differ from the run's config.json in {run_dir} "
+                         "(only --epochs and --device may change); drop the other options")
+
+
+def train(config: TranslationConfig, out_dir: str | Path, *, resume: bool = False,
+          data_dir: str | Path | None = None, console: Any = None, progress: bool = True) -> TrainOutcome:
+    """Train ``config`` into ``out_dir`` (or continue it with ``resume``).
+
+    Checked before anything is written: the run folder (`check_run_folder`), the resume options,
+    the device and the data (Multi30k train and val under the data folder).
+    """
+    from rich.console import Console
+
+    console = console if console is not None else Console()
+    run_dir = Path(out_dir)
+    started = time.perf_counter()
+    saved_info = check_run_folder(run_dir, app=APP, resume=resume)
+    if saved_info is not None:
+        check_resume(TranslationConfig.from_dict(saved_info.config), config, run_dir)
+        if data_dir is None:
+            data_dir = saved_info.data_root
+    resolve_device(config.train.device)
+    root = resolve_data_root(data_dir)
+    data = load_multi30k(root, ["train", "val"])
+    source, target = config.data.languages
+    train_src, train_tgt = _side(data["train"], source), _side(data["train"], target)
+    if config.data.train_limit is not None:
+        train_src, train_tgt = train_src[: config.data.train_limit], train_tgt[: config.data.train_limit]
+    val_src, val_tgt = _side(data["val"], source), _side(data["val"], target)
+    if config.data.val_limit is not None:
+        val_src, val_tgt = val_src[: config.data.val_limit], val_tgt[: config.data.val_limit]
+    train_config = replace(config.train, progress=progress)
+    with start_run(run_dir, app=APP, config=config.to_dict(), data_root=root, resume=resume):
+        vocab_path = run_dir / MODEL_FILE
+        if resume:
+            vocab = load_vocab(vocab_path)
+        else:
+            vocab = train_vocab(train_src + train_tgt, config.model.vocab_size, vocab_path,
+                                seed=config.train.seed)
+        if len(vocab) > config.model.vocab_size:
+            raise ValueError(f"{vocab_path} has {len(vocab)} pieces, more than vocab_size={config.model.vocab_size}")
+        limit = config.model.max_source_tokens
+        pairs = EncodedPairs(vocab.encode(train_src), vocab.encode(train_tgt)).filtered(limit)
+        val_pairs = EncodedPairs(vocab.encode(val_src), vocab.encode(val_tgt)).filtered(limit)
+        stream = TrainStream(pairs, config.data.batch_tokens, config.data.updates_per_epoch, config.train.seed)
+        val = eval_batches(val_pairs, config.data.batch_tokens)
+        set_seed(config.train.seed)
+        model = build_model(config.model)
+        params = count_parameters(model)
+        console.print(
+            f"[bold]{config.model.model}[/bold] {config.data.direction} ({config.preset}): "
+            f"{len(pairs)} training pairs ({stream.batches_per_pass} batches a pass), "
+            f"{len(val_pairs)} validation pairs, vocabulary {len(vocab)}, {params['total']:,} "
+            f"parameters ({params['routed_experts']:,} in routed experts), "
+            f"{config.total_updates} updates", highlight=False)
+        fit_started = time.perf_counter()
+        result = fit(model, TranslationTask(config.label_smoothing), stream, lambda: val, train_config,
+                     run_dir, app=APP, model_config=asdict(config.model), resume=resume, console=console)
+        fit_seconds = time.perf_counter() - fit_started
+        train_seconds = sum(row["seconds"] for row in result.history)
+        tokens = sum(row.get("train_target_tokens", 0.0) for row in result.history) * config.data.updates_per_epoch
+        tokens_per_s = tokens / train_seconds if train_seconds > 0 else 0.0
+        _write_json(run_dir / "train_summary.json", {
+            "updates": config.total_updates, "epochs_seconds": train_seconds,
+            "fit_seconds_this_process": fit_seconds, "target_tokens": tokens,
+            "target_tokens_per_s": tokens_per_s, "best_epoch": result.best_epoch,
+            "val": result.best_metrics, "parameters": params})
+        write_routing_report(model, config, val, run_dir)
+    return TrainOutcome(run_dir, config, result.best_epoch, result.best_metrics, params,
+                        time.perf_counter() - started, tokens_per_s)
+
+
+@torch.no_grad()
+def write_routing_report(model: Seq2SeqTransformer, config: TranslationConfig, batches: Sequence[Any],
+                         run_dir: Path) -> dict[str, Any] | None:
+    """Expert load per MoE layer on ``batches`` (eval mode: dropless) plus the last epoch's
+    training drop rate, to routing.json and routing.png. None for a dense model."""
+    from moe_apps.translation.plots import plot_expert_load
+
+    layers = model.moe_layers()
+    if not layers:
+        return None
+    device = next(model.parameters()).device
+    model.eval()
+    accumulators = {name: StatsAccumulator() for name, _ in layers}
+    with autocast(device, config.train.precision):
+        for batch in batches:
+            model(batch.to(device))
+            for name, ffn in layers:
+                accumulators[name].update(ffn.inner.last_stats)
+    last = {}
+    metrics_path = run_dir / "metrics.jsonl"
+    if metrics_path.is_file():
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        last = rows[-1] if rows else {}
+    report = {}
+    for name, ffn in layers:
+        summary = accumulators[name].summary()
+        module_name = next(n for n, m in model.named_modules() if m is ffn.inner)
+        report[name] = {
+            "fraction_per_expert": summary["fraction_per_expert"],
+            "tokens_per_expert": summary["tokens_per_expert"],
+            "load_cv": summary["load_cv"], "dead_experts": summary["dead_experts"],
+            "val_dropped_fraction": summary["dropped_fraction"],
+            "train_dropped_fraction": last.get(f"routing_{module_name}_dropped_fraction"),
+        }
+    _write_json(run_dir / "routing.json", report)
+    plot_expert_load({k: v["fraction_per_expert"] for k, v in report.items()}, run_dir / "routing.png",
+                     title=f"expert load per layer, validation ({config.model.router}, "
+                           f"E={config.model.num_experts})")
+    return report
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    run_dir: Path
+    config: TranslationConfig
+    data_root: Path | None
+    vocab: Vocab
+    model: Seq2SeqTransformer
+    checkpoint: Path
+
+
+def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
+    """A finished (or running) translation run's vocabulary and best weights, in eval mode."""
+    info = open_run(run_dir, app=APP)
+    config = TranslationConfig.from_dict(info.config)
+    vocab = load_vocab(info.run_dir / MODEL_FILE)
+    checkpoint = info.checkpoint("best")
+    model = build_model(config.model)
+    load_checkpoint(checkpoint, model, app=APP, model_config=asdict(config.model))
+    model.to(resolve_device(device)).eval()
+    return LoadedRun(info.run_dir, config, info.data_root, vocab, model, checkpoint)
+
+
+@dataclass(frozen=True)
+class Translations:
+    """Decoded lines, in input order, and what was truncated."""
+
+    lines: list[str]
+    ids: list[list[int]]
+    source_ids: list[list[int]]
+    truncated: int
+    seconds: float
+
+
+def translate_lines(run: LoadedRun, lines: Sequence[str], *, beam: int | None = None,
+                    length_penalty: float | None = None) -> Translations:
+    """Translate ``lines``: an empty (or blank) line gives an empty line; a line of more than
+    ``max_source_tokens`` subwords is truncated to them (counted in ``truncated``); characters
+    never seen in training go in as UTF-8 byte pieces. Sentences are decoded in batches sorted by
+    length."""
+    decode = run.config.decode
+    beam = decode.beam if beam is None else beam
+    penalty = decode.length_penalty if length_penalty is None else length_penalty
+    limit = run.config.model.max_source_tokens - 1  # leave room for eos
+    encoded = run.vocab.encode([line.strip() for line in lines])
+    truncated = sum(len(ids) > limit for ids in encoded)
+    encoded = [ids[:limit] for ids in encoded]
+    order = sorted((i for i in range(len(encoded)) if encoded[i]), key=lambda i: len(encoded[i]))
+    outputs: list[list[int]] = [[] for _ in encoded]
+    device = next(run.model.parameters()).device
+    started = time.perf_counter()
+    with autocast(device, run.config.train.precision):
+        for start in range(0, len(order), decode.batch_sentences):
+            chunk = order[start : start + decode.batch_sentences]
+            hyps = beam_decode(run.model, [encoded[i] for i in chunk], beam=beam, length_penalty=penalty,
+                               max_len_a=decode.max_len_a, max_len_b=decode.max_len_b)
+            for i, hyp in zip(chunk, hyps, strict=True):
+                outputs[i] = hyp
+    seconds = time.perf_counter() - started
+    texts = [text if encoded[i] else "" for i, text in enumerate(run.vocab.decode(outputs))]
+    return Translations(texts, outputs, encoded, truncated, seconds)
+
+
+def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """sacreBLEU BLEU, chrF (and signatures), lowercased BLEU and the length ratio."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    bleu, chrf, lower = BLEU(), CHRF(), BLEU(lowercase=True)
+    refs = [list(references)]
+    b = bleu.corpus_score(list(hypotheses), refs)
+    c = chrf.corpus_score(list(hypotheses), refs)
+    lowered = lower.corpus_score(list(hypotheses), refs)
+    return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
+            "chrf_signature": str(chrf.get_signature()), "bleu_lowercase": lowered.score,
+            "length_ratio": b.sys_len / b.ref_len if b.ref_len else 0.0}
+
+
+def evaluation_set(run: LoadedRun, *, split: str | None, src: str | Path | None, ref: str | Path | None,
+                   data_dir: str | Path | None = None) -> tuple[str, list[str], list[str]]:
+    """(name, sources, references) of a Multi30k split in the run's direction, or of two files."""
+    if (src is None) != (ref is None):
+        raise ValueError("--src and --ref go together: give both files (source and reference)")
+    if src is not None:
+        if split is not None:
+            raise ValueError("give either --split or --src/--ref, not both")
+        sources, references = read_parallel_files(src, ref)
+        return Path(src).name.removesuffix(".gz"), sources, references
+    split = split or "test_2016_flickr"
+    if split == "train":
+        raise ValueError("--split train is the data the run learned from; score val or a test split")
+    root = resolve_data_root(data_dir if data_dir is not None else run.data_root)
+    pairs = load_multi30k(root, [split])[split]
+    source, target = run.config.data.languages
+    return split, _side(pairs, source), _side(pairs, target)
+
+
+def evaluate(run: LoadedRun, name: str, sources: Sequence[str], references: Sequence[str], *,
+             beam: int | None = None) -> dict[str, Any]:
+    """Translate and score; hypotheses to ``hypotheses/<name>.beam<K>.txt``, scores to
+    ``eval/<name>.beam<K>.json`` in the run folder."""
+    beam = run.config.decode.beam if beam is None else beam
+    result = translate_lines(run, sources, beam=beam)
+    scores = score(result.lines, references)
+    scores.update({"sentences": len(sources), "decode_seconds": result.seconds,
+                   "sentences_per_s": len(sources) / result.seconds if result.seconds > 0 else 0.0,
+                   "beam": beam, "truncated_sources": result.truncated, "name": name,
+                   "direction": run.config.data.direction, "checkpoint": run.checkpoint.name})
+    stem = f"{name}.beam{beam}"
+    text = "".join(line + "\n" for line in result.lines)
+    atomic_write(run.run_dir / "hypotheses" / f"{stem}.txt", lambda f: f.write(text.encode()))
+    _write_json(run.run_dir / "eval" / f"{stem}.json", scores)
+    return scores
+
+
+@torch.no_grad()
+def routing_of(run: LoadedRun, source_ids: list[int], output_ids: list[int]) -> dict[str, Any]:
+    """Which experts each source subword went to in each encoder MoE layer, and each generated
+    token (the decoder step that produced it, eos included) in each decoder MoE layer."""
+    from moe_apps.translation.data import TranslationBatch, pad_rows
+    from moe_apps.translation.vocab import BOS, EOS
+
+    model, device = run.model, next(run.model.parameters()).device
+    src = pad_rows([list(source_ids) + [EOS]]).to(device)
+    tgt_in = pad_rows([[BOS] + list(output_ids)]).to(device)
+    layers = model.moe_layers()
+    for _, ffn in layers:
+        ffn.record_routing = True
+    try:
+        model(TranslationBatch(src, tgt_in, tgt_in))
+        table = {name: _experts_per_token(*ffn.last_routing) for name, ffn in layers}
+    finally:
+        for _, ffn in layers:
+            ffn.record_routing, ffn.last_routing = False, None
+    return {"source": run.vocab.pieces(list(source_ids) + [EOS]),
+            "target": run.vocab.pieces(list(output_ids) + [EOS]), "layers": table}
+
+
+def _experts_per_token(routing: Any, mask_BN: Tensor) -> list[list[int]]:
+    """Per real token (flattened order), the experts it went to (best first for token choice)."""
+    T = int(mask_BN.sum())
+    if routing.expert_indices_TK is not None:
+        return routing.expert_indices_TK.tolist()
+    chosen: list[list[int]] = [[] for _ in range(T)]
+    for e, tokens in enumerate(routing.token_indices_EC.tolist()):
+        for t in tokens:
+            chosen[t].append(e)
+    return chosen
+
