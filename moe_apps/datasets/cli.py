@@ -1,12 +1,16 @@
 """`moe-apps data`: list, inspect, download and verify the datasets the apps train on.
 
 Heavy work (numpy, torch, loaders) is imported inside the commands, so `--help` stays instant.
-Every command takes `--data-dir` (else $MOE_APPS_DATA, else ~/.cache/moe-apps).
+Every command takes `--data-dir` (else $MOE_APPS_DATA, else ~/.cache/moe-apps). Exit codes are the
+platform's (`moe_apps.training.cli`): 1 when a dataset is not valid or a command fails (one line,
+through `guard`), 2 for a usage error such as an unknown dataset name.
 """
 
 from __future__ import annotations
 
 import typer
+
+from moe_apps.training.cli import EXIT_FAILURE, fail, guard
 
 app = typer.Typer(help="Datasets: list, info, download, verify.", no_args_is_help=True)
 
@@ -105,6 +109,8 @@ def download(name: str = typer.Argument(..., help="Dataset name, or 'all'."),
     for dataset in _names(name):
         try:
             report = download_dataset(dataset, data_dir, force=force, progress=True)
+        except OSError as error:  # a data folder that cannot be written: one line, exit 1
+            fail(error)
         except DatasetError as error:
             console.print(f"[red]{dataset}: {error}[/red]", highlight=False)
             failed = True
@@ -113,9 +119,9 @@ def download(name: str = typer.Argument(..., help="Dataset name, or 'all'."),
                              ("not on the server, skipped", report.skipped)):
             if items:
                 console.print(f"{dataset}: {label}: {', '.join(items)}", highlight=False)
-        failed |= not _print_verify(console, dataset, data_dir)
+        failed |= not guard(lambda: _print_verify(console, dataset, data_dir))  # noqa: B023
     if failed:
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILURE)
 
 
 @app.command()
@@ -125,9 +131,9 @@ def verify(name: str = typer.Argument(..., help="Dataset name, or 'all'."),
     from rich.console import Console
 
     console = Console(width=160)
-    results = [_print_verify(console, dataset, data_dir) for dataset in _names(name)]
+    results = [guard(lambda d=dataset: _print_verify(console, d, data_dir)) for dataset in _names(name)]
     if not all(results):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILURE)
 
 
 def _print_verify(console, name: str, data_dir: str | None) -> bool:

@@ -1,40 +1,37 @@
 """`moe-apps recsys`: multi-task recommendation on MovieLens (train / eval / recommend).
 
-A thin Typer layer over `moe_apps.recsys.train`; torch, torchrec and the app modules are imported
-inside the commands so that `moe-apps --help` stays instant. Bad input (an unknown user, a folder
-that is not a recsys run, a corrupted checkpoint, an existing run folder) prints one clear error
-and exits with code 1, without writing anything; so does a run whose loss turns non-finite.
+A thin Typer layer over `moe_apps.recsys.train`, on the platform's shared train options, error
+guard and exit codes (`moe_apps.training.cli`: 1 = the command failed, one line, nothing written;
+2 = a usage error). torch, torchrec and the app modules are imported inside the commands, so that
+`moe-apps --help` stays instant.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
+from moe_apps.training.cli import (
+    DataDirOpt,
+    DeviceOpt,
+    EpochsOpt,
+    OutOpt,
+    ProgressOpt,
+    ResumeOpt,
+    SeedOpt,
+    default_out,
+    fail,
+    guard,
+    train_overrides,
+)
+
 app = typer.Typer(help="Multi-task recommendation on MovieLens (MMoE, PLE).", no_args_is_help=True)
 
-EXIT_ERROR = 1
-
-
-def _fail(error: BaseException) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {error}", highlight=False, soft_wrap=True)
-    raise typer.Exit(EXIT_ERROR)
-
-
-def _guard(action: Callable[[], Any]) -> Any:
-    """Run ``action``; a bad-input (or diverged-run) error becomes a message and exit code 1."""
-    try:
-        return action()
-    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError,
-            FloatingPointError) as error:
-        _fail(error)
+RunArg = Annotated[Path, typer.Argument(help="A run folder made by `moe-apps recsys train`.")]
+EvalDataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="Data folder (default: the run's).")]
 
 
 def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Any:
@@ -52,56 +49,38 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Any:
 
 @app.command("train")
 def train_command(
-    model: str = typer.Option(None, "--model", help="mmoe | ple | shared-bottom | single"),
-    dataset: str = typer.Option(None, "--dataset", help="movielens-100k | movielens-1m"),
-    split: str = typer.Option(None, "--split", help="u1..u5, ua, ub (ML-100K; default u1), random (ML-1M default), temporal"),
-    epochs: int = typer.Option(None, "--epochs", help="Maximum epochs (early stopping on val)."),
-    num_experts: int = typer.Option(None, "--num-experts", help="Experts (MMoE) / expert budget."),
-    out: Path = typer.Option(None, "--out", help="Run folder (default runs/recsys/<model>-<split>-<seed>-<time>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-    seed: int = typer.Option(None, "--seed", help="Seed of the split, validation slice and training."),
-    data_dir: str = typer.Option(
-        None, "--data-dir",
-        help="Data folder (default: with --resume the run's, else $MOE_APPS_DATA, else ~/.cache/moe-apps).",
-    ),
-    preset: str = typer.Option("default", "--preset", help="default | ple | three-tasks | tiny | ml1m"),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    preset: Annotated[str, typer.Option("--preset", help="default | ple | three-tasks | tiny | ml1m")] = "default",
+    model: Annotated[str | None, typer.Option("--model", help="mmoe | ple | shared-bottom | single")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="movielens-100k | movielens-1m")] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", help="u1..u5, ua, ub (ML-100K; default u1), random (ML-1M default), temporal")] = None,
+    num_experts: Annotated[int | None, typer.Option("--num-experts", min=1, help="Experts (MMoE) / expert budget.")] = None,
+    epochs: EpochsOpt = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = None,
+    data_dir: DataDirOpt = None,
+    progress: ProgressOpt = True,
 ) -> None:
     """Train a multi-task recommender (like + rating), then test the best epoch once."""
-    from dataclasses import replace
-
     from rich.console import Console
 
-    from moe_apps.recsys.config import OFFICIAL_SPLITS, get_preset
-    from moe_apps.recsys.train import read_run_config, train
-
-    console = Console()
+    from moe_apps.recsys.train import build_config, train
 
     def build() -> Any:
-        if resume:
-            if out is None:
-                raise ValueError("--resume needs --out, the run folder to continue")
-            config, _ = read_run_config(out)
-            config = replace(config, model=replace(config.model, vocab=()))
-        else:  # --model ple without a preset takes the ple preset (its tuned dropout)
-            config = get_preset("ple" if model == "ple" and preset == "default" else preset)
-        chosen_split = split
-        if split is None and dataset == "movielens-1m" and config.split in OFFICIAL_SPLITS:
-            chosen_split = "random"  # ML-1M has no official folds
-        top: dict[str, Any] = {k: v for k, v in (("dataset", dataset), ("split", chosen_split),
-                                                  ("epochs", epochs), ("seed", seed),
-                                                  ("device", device)) if v is not None}
-        sub: dict[str, Any] = {k: v for k, v in (("model", model), ("num_experts", num_experts))
-                               if v is not None}
-        return replace(config, **top, model=replace(config.model, **sub))
+        if resume and out is None:
+            raise ValueError("--resume needs --out, the run folder to continue")
+        overrides = {**train_overrides(epochs=epochs, seed=seed, device=device), "dataset": dataset,
+                     "split": split, "model.model": model, "model.num_experts": num_experts}
+        return build_config(preset, overrides, resume_dir=out if resume else None)
 
-    config = _guard(build)
-    run_dir = out if out is not None else Path("runs") / "recsys" / (
-        f"{config.model.model}-{config.split}-s{config.seed}-{datetime.now():%Y%m%d-%H%M%S}"
-    )
-    outcome = _guard(lambda: train(config, run_dir, resume=resume, data_dir=data_dir,
-                                   console=console, progress=progress))
+    config = guard(build)
+    run_dir = out if out is not None else default_out(
+        "recsys", f"{config.model.model}-{config.split}-s{config.seed}")
+    console = Console()
+    outcome = guard(lambda: train(config, run_dir, resume=resume, data_dir=data_dir,
+                                  console=console, progress=progress))
     console.print(_metrics_table(
         f"{outcome.config.model.model} on {outcome.config.split} (best epoch {outcome.best_epoch})",
         {"validation": outcome.val_metrics, "test": outcome.test_metrics},
@@ -111,39 +90,47 @@ def train_command(
 
 @app.command("eval")
 def eval_command(
-    run: Path = typer.Argument(..., help="A run folder made by `moe-apps recsys train`."),
-    split: str = typer.Option(None, "--split", help="Test part to score (default: the run's split)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
-    data_dir: str = typer.Option(None, "--data-dir", help="Data folder (default: the run's)."),
+    run: RunArg,
+    split: Annotated[str | None, typer.Option("--split", help="Test part to score (default: the run's split).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    allow_overlap: Annotated[bool, typer.Option(
+        "--allow-overlap", help="Score a test part that shares ratings with the run's training part "
+        "(inflated metrics; the JSON then says overlaps_training: true).")] = False,
+    data_dir: EvalDataDirOpt = None,
 ) -> None:
     """Per-task test metrics of a run's best checkpoint."""
     from rich.console import Console
 
-    from moe_apps.recsys.train import evaluate_run, load_run
+    from moe_apps.recsys.train import evaluate_run, load_run, overlap_with_training
 
-    loaded = _guard(lambda: load_run(run, data_dir))
+    loaded = guard(lambda: load_run(run, data_dir))
     chosen = split or loaded.config.split
-    if chosen != loaded.config.split and not as_json:
-        Console(stderr=True).print(
-            f"[yellow]warning:[/yellow] the run was trained on split {loaded.config.split}; the test "
-            f"part of {chosen} may overlap its training ratings", highlight=False)
-    metrics = _guard(lambda: evaluate_run(loaded, chosen))
+    shared, total = guard(lambda: overlap_with_training(loaded, chosen))
+    if shared and not allow_overlap:
+        fail(f"the test part of {chosen} shares {shared} of its {total} ratings with the training part "
+             f"of this run (split {loaded.config.split}), so its metrics would be inflated; score "
+             f"--split {loaded.config.split}, or pass --allow-overlap to score it anyway")
+    metrics = guard(lambda: evaluate_run(loaded, chosen))
     if as_json:
-        typer.echo(json.dumps({"run": str(run), "model": loaded.config.model.model,
-                               "split": chosen, "metrics": metrics}))
+        typer.echo(json.dumps({"run": str(run), "model": loaded.config.model.model, "split": chosen,
+                               "overlaps_training": bool(shared), "metrics": metrics}))
         return
+    if shared:
+        Console(stderr=True).print(
+            f"[yellow]warning:[/yellow] {shared} of the {total} test ratings of {chosen} are in the "
+            f"run's training part (split {loaded.config.split}): these metrics are inflated", highlight=False)
     Console().print(_metrics_table(f"{loaded.config.model.model}: test part of {chosen}",
                                    {"test": metrics}))
 
 
 @app.command("recommend")
 def recommend_command(
-    run: Path = typer.Argument(..., help="A run folder made by `moe-apps recsys train`."),
-    user: int = typer.Option(..., "--user", help="MovieLens user id (as in u.data)."),
-    top: int = typer.Option(10, "--top", help="How many movies."),
-    task: str = typer.Option(None, "--task", help="Rank by this task (default: like)."),
-    min_ratings: int = typer.Option(10, "--min-ratings", help="Only movies with this many training ratings."),
-    data_dir: str = typer.Option(None, "--data-dir", help="Data folder (default: the run's)."),
+    run: RunArg,
+    user: Annotated[int, typer.Option("--user", help="MovieLens user id (as in u.data).")],
+    top: Annotated[int, typer.Option("--top", help="How many movies.")] = 10,
+    task: Annotated[str | None, typer.Option("--task", help="Rank by this task (default: like).")] = None,
+    min_ratings: Annotated[int, typer.Option("--min-ratings", help="Only movies with this many training ratings.")] = 10,
+    data_dir: EvalDataDirOpt = None,
 ) -> None:
     """A user's top unseen movies by predicted like-probability, with titles."""
     from rich.console import Console
@@ -151,8 +138,8 @@ def recommend_command(
 
     from moe_apps.recsys.train import load_run, recommend
 
-    loaded = _guard(lambda: load_run(run, data_dir))
-    recs = _guard(lambda: recommend(loaded, user, top, task, min_ratings))
+    loaded = guard(lambda: load_run(run, data_dir))
+    recs = guard(lambda: recommend(loaded, user, top, task, min_ratings))
     specs = loaded.config.model.tasks
     table = Table(title=f"top {len(recs)} unseen movies for user {user}")
     table.add_column("#", justify="right")

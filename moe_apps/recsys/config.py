@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from moe_core.routing import check_positive_int
+from moe_core.checks import check_positive_int
 
 if TYPE_CHECKING:
     from moe_apps.training import TrainConfig

@@ -1,9 +1,10 @@
 """Train, evaluate and query recsys runs (what `moe-apps recsys train / eval / recommend` call).
 
-A run folder holds ``config.json`` (``{"app": "recsys", "config": ..., "data_root": ...}``), the
-shared loop's ``metrics.jsonl``, ``checkpoints/{last,best}.pt`` and ``curves.png``, and after
-training ``test_metrics.json``, ``gates.json`` and ``gates.png`` (mean gate weight per task and
-expert, for MMoE / PLE). The test part is evaluated once, with the best-validation weights.
+The run folder is the platform's (`moe_apps.training.run`: config.json, the lock, refusals,
+resume, digest-checked checkpoints) plus, after training, ``test_metrics.json``, ``gates.json`` and
+``gates.png`` (mean gate weight per task and expert, for MMoE / PLE). The test part is evaluated
+once, with the best-validation weights. Scoring the test part of another split than the run's is
+refused when it shares ratings with the run's training part (`overlap_with_training`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from moe_apps.atomic import atomic_write
 from moe_apps.datasets import MovieLensData, Ratings, load_movielens, resolve_data_root
-from moe_apps.recsys.config import RecsysConfig, with_vocab
+from moe_apps.recsys.config import OFFICIAL_SPLITS, RecsysConfig, get_preset, with_vocab
 from moe_apps.recsys.data import (
     Features,
     RatingBatches,
@@ -31,7 +32,8 @@ from moe_apps.recsys.data import (
 )
 from moe_apps.recsys.model import build_model, count_parameters, gate_labels
 from moe_apps.recsys.task import RecsysTask
-from moe_apps.training import fit, load_checkpoint, set_seed
+from moe_apps.training import fit, load_checkpoint, resolve_device, set_seed
+from moe_apps.training.run import apply_overrides, check_run_folder, open_run, start_run
 
 APP = "recsys"
 
@@ -91,20 +93,28 @@ def _gate_weights(metrics: dict[str, float], config: RecsysConfig,
             for t, names in zip(config.model.tasks, labels, strict=True)]
 
 
-def read_run_config(run_dir: str | Path) -> tuple[RecsysConfig, dict[str, Any]]:
-    """(config, raw config.json) of a recsys run; ValueError if ``run_dir`` is not one."""
-    run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} is not a recsys run folder: {path} does not exist")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} cannot be read as JSON: {error}") from error
-    if not isinstance(raw, dict) or raw.get("app") != APP:
-        app = raw.get("app") if isinstance(raw, dict) else None
-        raise ValueError(f"{run_dir} is not a recsys run folder: config.json has app={app!r}")
-    return RecsysConfig.from_dict(raw["config"]), raw
+def read_run_config(run_dir: str | Path) -> tuple[RecsysConfig, Path | None]:
+    """(config, data folder) of a recsys run; RunError if ``run_dir`` is not one."""
+    info = open_run(run_dir, app=APP)
+    return RecsysConfig.from_dict(info.config), info.data_root
+
+
+def build_config(preset: str, overrides: dict[str, Any], *, resume_dir: str | Path | None = None
+                 ) -> RecsysConfig:
+    """The run's config from the CLI: ``preset`` (or, with ``resume_dir``, the run's saved config
+    without its data-derived vocabulary) with ``overrides`` (`apply_overrides` names, None = not
+    given) laid on. ``--model ple`` without a preset takes the ple preset (its tuned dropout);
+    ``--dataset movielens-1m`` without a split takes "random" (ML-1M has no official folds)."""
+    if resume_dir is not None:
+        saved, _ = read_run_config(resume_dir)
+        base = replace(saved, model=replace(saved.model, vocab=()))
+    else:
+        base = get_preset("ple" if overrides.get("model.model") == "ple" and preset == "default" else preset)
+    overrides = dict(overrides)
+    if (overrides.get("split") is None and overrides.get("dataset") == "movielens-1m"
+            and base.split in OFFICIAL_SPLITS):
+        overrides["split"] = "random"
+    return apply_overrides(base, overrides)
 
 
 def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
@@ -112,44 +122,59 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
           console: Any = None, progress: bool = True) -> TrainOutcome:
     """Train ``config`` into ``out_dir`` (or continue it with ``resume``) and test the best epoch.
 
-    A fresh run refuses a folder that already holds a run (nothing is overwritten); ``resume``
-    needs one with a checkpoints/last.pt, made with the same config (only epochs, patience and
-    device may change), and reads the run's data folder unless ``data_dir`` is given.
+    Everything is checked before anything is written: the run folder (`check_run_folder`: a fresh
+    run refuses a folder that holds a run, a folder held by another job, one that cannot be
+    created), the device and the data. ``resume`` needs a recsys run with a checkpoints/last.pt,
+    made with the same config (only epochs, patience and device may change), and reads the run's
+    data folder unless ``data_dir`` is given.
     """
     from rich.console import Console
 
     console = console if console is not None else Console()
     run_dir = Path(out_dir)
     started = time.perf_counter()
-    has_run = (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists()
-    if not resume and has_run:
-        raise FileExistsError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
-        )
-    if resume:
-        saved, raw = read_run_config(run_dir)
+    saved_info = check_run_folder(run_dir, app=APP, resume=resume)
+    if saved_info is not None:
+        saved = RecsysConfig.from_dict(saved_info.config)
         free = {"epochs": config.epochs, "patience": config.patience, "device": config.device}
         if replace(saved, **free) != replace(config, model=replace(config.model, vocab=saved.model.vocab)):
             raise ValueError(
                 f"--resume: the options differ from the run's config.json in {run_dir} (only "
                 "--epochs and --device may change); drop the other options to continue it"
             )
-        if not (run_dir / "checkpoints" / "last.pt").is_file():
-            raise FileNotFoundError(
-                f"{run_dir} has no checkpoints/last.pt to resume from (the run stopped before its "
-                f"first epoch ended); delete {run_dir} or choose another --out to start afresh"
-            )
         if data_dir is None:  # continue on the data the run was trained on
-            data_dir = raw.get("data_root")
+            data_dir = saved_info.data_root
+    resolve_device(config.device)  # a device this machine lacks fails here, before any write
     root = resolve_data_root(data_dir)
     run = prepare_data(config, root, data)
     config = with_vocab(config, run.features.vocab)
-    set_seed(config.seed)  # the initial weights depend on the seed alone
+    with start_run(run_dir, app=APP, config=config.to_dict(), data_root=root, resume=resume):
+        result, model, task = _fit(config, run, run_dir, resume, console, progress)
+        device = next(model.parameters()).device
+        model.eval()
+        test_metrics = task.evaluate(model, (b.to(device) for b in _eval_batches(config, run, run.test)))
+        seconds = time.perf_counter() - started
+        _write_json(run_dir / "test_metrics.json", {"split": config.split, "best_epoch": result.best_epoch,
+                                                    "metrics": test_metrics, "seconds": seconds})
+        labels = gate_labels(config.model)
+        if labels is not None:
+            from moe_apps.recsys.plots import plot_gates
+
+            gates = {"tasks": [t.name for t in config.model.tasks], "experts": labels,
+                     "val": _gate_weights(result.best_metrics, config, labels),
+                     "test": _gate_weights(test_metrics, config, labels)}
+            _write_json(run_dir / "gates.json", gates)
+            plot_gates(gates, run_dir / "gates.png", title=f"{config.model.model} on {config.split}")
+    return TrainOutcome(run_dir, config, result.best_epoch, result.best_metrics, test_metrics,
+                        count_parameters(model), seconds)
+
+
+def _fit(config: RecsysConfig, run: RunData, run_dir: Path, resume: bool, console: Any,
+         progress: bool) -> tuple[Any, nn.Module, RecsysTask]:
+    """Build the model (its initial weights depend on the seed alone) and run the shared loop."""
+    set_seed(config.seed)
     model = build_model(config.model)
-    labels = gate_labels(config.model)
     task = _task(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / "config.json", {"app": APP, "config": config.to_dict(), "data_root": str(root)})
     params = count_parameters(model)
     console.print(
         f"[bold]{config.model.model}[/bold] on {config.dataset} split {config.split}: "
@@ -166,22 +191,7 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
     result = fit(model, task, train_batches, lambda: val_batches, config.train_config(progress=progress),
                  run_dir, app=APP, model_config=model_config_dict(config), resume=resume,
                  console=console)
-    device = next(model.parameters()).device
-    model.eval()
-    test_metrics = task.evaluate(model, (b.to(device) for b in _eval_batches(config, run, run.test)))
-    seconds = time.perf_counter() - started
-    _write_json(run_dir / "test_metrics.json", {"split": config.split, "best_epoch": result.best_epoch,
-                                                "metrics": test_metrics, "seconds": seconds})
-    if labels is not None:
-        from moe_apps.recsys.plots import plot_gates
-
-        gates = {"tasks": [t.name for t in tasks], "experts": labels,
-                 "val": _gate_weights(result.best_metrics, config, labels),
-                 "test": _gate_weights(test_metrics, config, labels)}
-        _write_json(run_dir / "gates.json", gates)
-        plot_gates(gates, run_dir / "gates.png", title=f"{config.model.model} on {config.split}")
-    return TrainOutcome(run_dir, config, result.best_epoch, result.best_metrics, test_metrics,
-                        params, seconds)
+    return result, model, task
 
 
 def model_config_dict(config: RecsysConfig) -> dict[str, Any]:
@@ -200,13 +210,12 @@ class LoadedRun:
 
 def load_run(run_dir: str | Path, data_dir: str | Path | None = None,
              data: MovieLensData | None = None) -> LoadedRun:
-    """Rebuild a run's data and model and load its best checkpoint (ValueError on any mismatch)."""
-    run_dir = Path(run_dir)
-    config, raw = read_run_config(run_dir)
-    best = run_dir / "checkpoints" / "best.pt"
-    if not best.is_file():
-        raise ValueError(f"{run_dir} has no checkpoints/best.pt: the run has not finished an epoch")
-    root = resolve_data_root(data_dir if data_dir is not None else raw.get("data_root"))
+    """Rebuild a run's data and model and load its best checkpoint (RunError / ValueError on any
+    mismatch: not a recsys run, no best.pt, a checkpoint failing its digest, other data)."""
+    info = open_run(run_dir, app=APP)
+    config = RecsysConfig.from_dict(info.config)
+    best = info.checkpoint("best")
+    root = resolve_data_root(data_dir if data_dir is not None else info.data_root)
     run = prepare_data(config, root, data)
     if run.features.vocab != dict(config.model.vocab):
         raise ValueError(
@@ -219,11 +228,25 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None,
     return LoadedRun(config, model, run)
 
 
+def _test_part(loaded: LoadedRun, split: str | None) -> Ratings:
+    config, run = loaded.config, loaded.run
+    return run.test if split is None or split == config.split else make_split(run.data, split, config.seed)[1]
+
+
+def overlap_with_training(loaded: LoadedRun, split: str | None = None) -> tuple[int, int]:
+    """(ratings of the test part of ``split`` that the run trained or validated on, size of that
+    test part): metrics on an overlapping test part are inflated."""
+    test, train = _test_part(loaded, split), loaded.run.train
+    width = len(loaded.run.data.items)
+    shared = np.isin(test.user.astype(np.int64) * width + test.item,
+                     train.user.astype(np.int64) * width + train.item)
+    return int(shared.sum()), len(test)
+
+
 def evaluate_run(loaded: LoadedRun, split: str | None = None) -> dict[str, float]:
     """Test metrics of a loaded run on its own split (or the test part of ``split``)."""
     config, run = loaded.config, loaded.run
-    test = run.test if split is None or split == config.split else make_split(run.data, split, config.seed)[1]
-    return _task(config).evaluate(loaded.model, _eval_batches(config, run, test))
+    return _task(config).evaluate(loaded.model, _eval_batches(config, run, _test_part(loaded, split)))
 
 
 @dataclass(frozen=True)

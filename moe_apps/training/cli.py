@@ -42,10 +42,11 @@ def error_message(error: BaseException) -> str:
 def fail(error: BaseException | str) -> NoReturn:
     """Print ``error`` as one red line on stderr and exit with `EXIT_FAILURE`."""
     from rich.console import Console
+    from rich.markup import escape
 
     message = error if isinstance(error, str) else error_message(error)
-    Console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False,
-                               soft_wrap=True, markup=True)
+    Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False,
+                               soft_wrap=True)
     raise typer.Exit(EXIT_FAILURE)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from moe_core.routing import check_positive_int
+from moe_core.checks import check_positive_int
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "cosine", "linear", "inverse_sqrt", "triangular", "onecycle")

@@ -26,7 +26,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import islice
@@ -53,10 +53,12 @@ from moe_apps.training.runtime import (
     autocast,
     build_optimizer,
     build_scheduler,
+    count_steps,
     resolve_device,
     rng_state,
     set_rng_state,
     set_seed,
+    to_device,
 )
 from moe_core.diagnostics import RoutingStats, StatsAccumulator
 from moe_core.losses import collect_aux_losses, weighted_aux_loss
@@ -84,26 +86,6 @@ class _RunState:
     metric_sums: dict[str, Tensor] = field(default_factory=dict)  # same, of the task's metrics
     routing: dict[str, StatsAccumulator] = field(default_factory=dict)  # per MoE layer name
     seconds: float = 0.0  # time spent in this epoch before a resume
-
-
-def _to_device(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
-    for batch in batches:
-        if not callable(getattr(batch, "to", None)):
-            raise ValueError(
-                f"batches must have a .to(device) method (a typed batch dataclass), got {type(batch).__name__}"
-            )
-        yield batch.to(device)
-
-
-def _count_steps(train_batches: Callable[[int], Iterable[Any]]) -> int:
-    batches = train_batches(0)
-    try:
-        count = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        count = sum(1 for _ in batches)
-    if count < 1:
-        raise ValueError("train_batches(0) gave no batches; the training set is empty")
-    return count
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -245,7 +227,7 @@ class _Trainer:
         self.model.eval()
         averaged = self.average.applied(self.model) if self.average is not None else contextlib.nullcontext()
         with averaged, torch.no_grad(), autocast(self.device, self.config.precision):
-            metrics = self.task.evaluate(self.model, _to_device(val_batches(), self.device))
+            metrics = self.task.evaluate(self.model, to_device(val_batches(), self.device))
         if not isinstance(metrics, Mapping) or self.config.monitor not in metrics:
             keys = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
             raise ValueError(
@@ -323,7 +305,7 @@ class _Trainer:
             set_rng_state(resumed_state["rng"])
         task_id = progress.add_task(f"epoch {run.epoch + 1}/{config.epochs}", total=steps_per_epoch,
                                     completed=run.step_in_epoch, loss="")
-        for batch in _to_device(iterator, self.device):
+        for batch in to_device(iterator, self.device):
             self.train_step(batch)
             progress.update(task_id, advance=1)
             if run.step_in_epoch % config.log_every == 0:
@@ -398,7 +380,7 @@ def fit(model: nn.Module, task: Task, train_batches: Callable[[int], Iterable[An
     else:
         set_seed(config.seed)
     model.to(device)
-    steps_per_epoch = _count_steps(train_batches)
+    steps_per_epoch = count_steps(train_batches)
     trainer = _Trainer(model, task, config, run_dir, app=app, model_config=normalized, device=device,
                        total_steps=config.epochs * steps_per_epoch, console=console,
                        param_groups=param_groups)

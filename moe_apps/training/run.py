@@ -211,7 +211,8 @@ def start_run(out_dir: str | Path, *, app: str, config: Mapping[str, Any] | None
 
     The app validates its config (and device) BEFORE calling this. Then: the `check_run_folder`
     refusals; the folder is created and its lock taken (RunError "held by pid N" if another job has
-    it; released when the block ends or the process dies); stale ``.*.tmp`` files are removed;
+    it; released when the block ends or the process dies); stale ``.*.tmp`` files are removed; on
+    ``resume`` checkpoints/last.pt is read and its digest verified (RunError if it fails);
     ``config.json`` is written with ``config`` (on ``resume``, the saved config is kept when
     ``config`` is None, else replaced by it: the caller checked that the overrides are compatible).
     OSErrors (a folder that cannot be written) become RunError naming the path.
@@ -238,6 +239,10 @@ def start_run(out_dir: str | Path, *, app: str, config: Mapping[str, Any] | None
         # Checked again under the lock: another job may have started or finished meanwhile.
         saved = _check(run_dir, app=app, resume=resume, probe_lock=False)
         remove_stale_temp_files(run_dir)
+        if resume:  # a corrupted last.pt is refused before config.json is touched
+            from moe_apps.training.checkpoint import read_checkpoint
+
+            read_checkpoint(run_dir / "checkpoints" / "last.pt")
         if config is not None:
             root = data_root if data_root is not None else (saved.data_root if saved else None)
             write_run_config(run_dir, app=app, config=config, data_root=root)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,28 @@ def resolve_device(name: str) -> torch.device:
             raise ValueError(f"device={name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
         return torch.device(name)
     raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+
+
+def to_device(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
+    """Each batch moved with its ``.to(device)`` (ValueError for a batch without one)."""
+    for batch in batches:
+        if not callable(getattr(batch, "to", None)):
+            raise ValueError(
+                f"batches must have a .to(device) method (a typed batch dataclass), got {type(batch).__name__}"
+            )
+        yield batch.to(device)
+
+
+def count_steps(train_batches: Callable[[int], Iterable[Any]]) -> int:
+    """Batches per epoch (``len(train_batches(0))``, else counted); ValueError if none."""
+    batches = train_batches(0)
+    try:
+        count = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        count = sum(1 for _ in batches)
+    if count < 1:
+        raise ValueError("train_batches(0) gave no batches; the training set is empty")
+    return count
 
 
 def rng_state() -> dict[str, Any]:

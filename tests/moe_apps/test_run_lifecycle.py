@@ -61,8 +61,7 @@ def test_resume_keeps_or_replaces_the_config_and_needs_last_pt(tmp_path):
         with start_run(out, app="demo", config=None, data_root=None, resume=True):
             pass
     assert snapshot(out) == before
-    (out / "checkpoints").mkdir()
-    (out / "checkpoints" / "last.pt").write_bytes(b"x")
+    save_checkpoint(out / "checkpoints" / "last.pt", {"model": {}})
     with start_run(out, app="demo", config=None, data_root=None, resume=True) as info:
         assert info.config == {"epochs": 1} and info.data_root == Path("/d")
     with start_run(out, app="demo", config={"epochs": 3}, data_root=None, resume=True) as info:
@@ -79,14 +78,26 @@ def test_stale_temp_files_are_removed_on_start_and_resume(tmp_path):
     (out / ".config.json.ab12.tmp").write_bytes(b"")  # killed before config.json was renamed
     with start_run(out, app="demo", config={}, data_root=None):
         assert not list(out.rglob(".*.tmp"))
-    (out / "checkpoints").mkdir()
-    (out / "checkpoints" / "last.pt").write_bytes(b"x")
+    save_checkpoint(out / "checkpoints" / "last.pt", {"model": {}})
+    last = (out / "checkpoints" / "last.pt").read_bytes()
     stale = [out / "checkpoints" / ".last.pt.0f0f.tmp", out / ".metrics.jsonl.1234.tmp"]
     for path in stale:
         path.write_bytes(b"")
     with start_run(out, app="demo", config=None, data_root=None, resume=True):
         assert not any(p.exists() for p in stale)
-    assert (out / "checkpoints" / "last.pt").read_bytes() == b"x"
+    assert (out / "checkpoints" / "last.pt").read_bytes() == last
+
+
+def test_resume_refuses_a_corrupted_last_pt_before_touching_config_json(tmp_path):
+    out = tmp_path / "run"
+    with start_run(out, app="demo", config={"epochs": 1}, data_root=None):
+        save_checkpoint(out / "checkpoints" / "last.pt", {"model": {"w": torch.arange(64.0)}})
+    _alter_tensor_bytes(out / "checkpoints" / "last.pt")
+    before = snapshot(out)
+    with pytest.raises(RunError, match="last.pt fails its integrity check"):
+        with start_run(out, app="demo", config={"epochs": 5}, data_root=None, resume=True):
+            pass
+    assert snapshot(out) == before
 
 
 def test_open_run_says_what_the_folder_is(tmp_path):
@@ -115,11 +126,11 @@ def test_open_run_says_what_the_folder_is(tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
+from moe_apps.training.checkpoint import save_checkpoint
 from moe_apps.training.run import start_run
 out = Path(sys.argv[1])
 with start_run(out, app="demo", config={"seed": 1}, data_root=None, resume=(out / "config.json").exists()):
-    (out / "checkpoints").mkdir(exist_ok=True)
-    (out / "checkpoints" / "last.pt").write_bytes(b"weights")
+    save_checkpoint(out / "checkpoints" / "last.pt", {"model": {}})
     print("holding", flush=True)
     time.sleep(120)
 """

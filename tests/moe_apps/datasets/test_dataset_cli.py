@@ -93,3 +93,13 @@ def test_verify_shared_multi30k(shared_data: Path) -> None:
 def test_list_shared(shared_data: Path) -> None:
     code, out = _run("data", "list", "--data-dir", str(shared_data))
     assert code == 0 and out.count("complete") >= 3
+
+
+def test_download_into_a_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    from moe_apps.training.cli import EXIT_FAILURE
+
+    (tmp_path / "file").write_text("x")
+    code, out = _run("data", "download", "movielens-100k", "--data-dir", str(tmp_path / "file" / "data"))
+    assert code == EXIT_FAILURE
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and "Not a directory" in lines[0] and str(tmp_path / "file") in lines[0], out
