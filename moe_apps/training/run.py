@@ -8,6 +8,7 @@ it, the folder is held: ``fcntl.flock`` on ``<run>/.lock`` (the holder's pid wri
 the message), so a second job is refused, and the kernel releases the lock when the holder exits
 or is killed (kill -9 included); the ``.lock`` file itself stays. Readers (`open_run`) take no lock:
 checkpoints are replaced atomically, so eval of a run still training reads its last complete one.
+A job of several processes holds its folder once: the launcher, or rank 0 alone, calls `start_run`.
 
 Standard library only (no torch), so a CLI can check a folder before any heavy import.
 """

@@ -265,3 +265,24 @@ def test_resume_after_sigkill_is_exact_with_the_loop_options(tmp_path, variant):
     for name in ref_snaps:
         a, b = _state(reference / "checkpoints" / name), _state(killed / "checkpoints" / name)
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_averages_cover_batchnorm_statistics_and_copy_integer_buffers():
+    from moe_apps.training import WeightAverage
+
+    model = nn.BatchNorm1d(2)
+    average = WeightAverage("ema", decay=0.75, every=1, start_epoch=1)
+    seen = []
+    for k in range(3):
+        model.train()
+        model(torch.randn(8, 2, generator=torch.Generator().manual_seed(k)) * (k + 1))
+        seen.append({n: t.clone() for n, t in model.state_dict().items()})
+        average.after_step(model, epoch=0)
+    mean = seen[0]["running_mean"]
+    for state in seen[1:]:
+        mean = 0.75 * mean + 0.25 * state["running_mean"]
+    assert torch.allclose(average.state["running_mean"], mean, atol=1e-7)
+    assert int(average.state["num_batches_tracked"]) == 3  # copied, not averaged
+    with average.applied(model):
+        assert torch.equal(model.running_mean, average.state["running_mean"])
+    assert torch.equal(model.running_mean, seen[-1]["running_mean"])  # restored after the block
