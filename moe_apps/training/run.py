@@ -63,8 +63,8 @@ class RunInfo:
         path = self.run_dir / "checkpoints" / f"{name}.pt"
         if not path.is_file():
             raise RunError(
-                f"{self.run_dir} has no checkpoints/{name}.pt: the run stopped before its first "
-                "epoch ended; resume it with --resume only if it has a last.pt, else train it again"
+                f"{self.run_dir} has no checkpoints/{name}.pt: the run has not finished an epoch "
+                "(still in its first one, or stopped before its end); wait for it, or train it again"
             )
         return path
 
