@@ -1,4 +1,4 @@
-"""`moe-apps recsys`: multi-task recommendation on MovieLens (train / eval / recommend).
+"""`moe-apps recsys`: multi-task recommendation on MovieLens (train / eval / recommend / export).
 
 A thin Typer layer over `moe_apps.recsys.train`, on the platform's shared train options, error
 guard and exit codes (`moe_apps.training.cli`: 1 = the command failed, one line, nothing written;
@@ -49,11 +49,11 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Any:
 
 @app.command("train")
 def train_command(
-    preset: Annotated[str, typer.Option("--preset", help="default | ple | three-tasks | tiny | ml1m")] = "default",
+    preset: Annotated[str, typer.Option("--preset", help="default | ple | three-tasks | tiny | ml1m | ranking")] = "default",
     model: Annotated[str | None, typer.Option("--model", help="mmoe | ple | shared-bottom | single")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", help="movielens-100k | movielens-1m")] = None,
     split: Annotated[str | None, typer.Option(
-        "--split", help="u1..u5, ua, ub (ML-100K; default u1), random (ML-1M default), temporal")] = None,
+        "--split", help="u1..u5, ua, ub (ML-100K; default u1), random (ML-1M default), temporal, recbole")] = None,
     num_experts: Annotated[int | None, typer.Option("--num-experts", min=1, help="Experts (MMoE) / expert budget.")] = None,
     epochs: EpochsOpt = None,
     seed: SeedOpt = None,
@@ -98,7 +98,8 @@ def eval_command(
         "(inflated metrics; the JSON then says overlaps_training: true).")] = False,
     data_dir: EvalDataDirOpt = None,
 ) -> None:
-    """Per-task test metrics of a run's best checkpoint."""
+    """Per-task test metrics of a run's best checkpoint, and full-ranking top-K metrics
+    (ndcg@10, recall@10, hit@10, mrr@10, ... over every movie not rated in training)."""
     from rich.console import Console
 
     from moe_apps.recsys.train import evaluate_run, load_run, overlap_with_training
@@ -128,11 +129,13 @@ def recommend_command(
     run: RunArg,
     user: Annotated[int, typer.Option("--user", help="MovieLens user id (as in u.data).")],
     top: Annotated[int, typer.Option("--top", help="How many movies.")] = 10,
-    task: Annotated[str | None, typer.Option("--task", help="Rank by this task (default: like).")] = None,
+    task: Annotated[str | None, typer.Option(
+        "--task", help="Rank by this task (default: the run's ranking score, P(rate) x P(like | rate) or P(like)).")] = None,
     min_ratings: Annotated[int, typer.Option("--min-ratings", help="Only movies with this many training ratings.")] = 10,
     data_dir: EvalDataDirOpt = None,
 ) -> None:
-    """A user's top unseen movies by predicted like-probability, with titles."""
+    """A user's top unseen movies by the run's ranking score, with titles (--min-ratings only
+    filters what is shown; evaluation ranks every candidate)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -152,3 +155,22 @@ def recommend_command(
                       *(f"{rec.scores[s.name]:.3f}" if s.kind == "binary" else f"{rec.scores[s.name]:.2f}"
                         for s in specs))
     Console().print(table)
+
+
+@app.command("export")
+def export_command(
+    run: RunArg,
+    out: Annotated[Path, typer.Argument(help="New folder for the exported model (must not exist).")],
+    data_dir: EvalDataDirOpt = None,
+) -> None:
+    """Export a run for serving: a torch.export program (OUT/model.pt2) that takes a MovieLens
+    user id and candidate movie ids and returns ranking scores (NaN for unknown ids), with the
+    feature tables inside; OUT/export.json says how to call it."""
+    from moe_apps.recsys.export import export_run
+    from moe_apps.recsys.train import load_run
+
+    if out.exists():
+        fail(f"{out} already exists; choose a new export folder (nothing was written)")
+    loaded = guard(lambda: load_run(run, data_dir))
+    info = guard(lambda: export_run(loaded, out))
+    typer.echo(f"exported {info.info['model']} ({info.info['score']}) to {info.program}")

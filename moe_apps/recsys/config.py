@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 MODELS = ("mmoe", "ple", "shared-bottom", "single")
 DATASETS = ("movielens-100k", "movielens-1m")
 OFFICIAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
-SPLITS = (*OFFICIAL_SPLITS, "random", "temporal")
+SPLITS = (*OFFICIAL_SPLITS, "random", "temporal", "recbole")
 TASK_KINDS = ("binary", "regression")
 
 #: target functions of a rating (float array 1..5) -> float array; one line per new target.
@@ -35,6 +35,8 @@ TARGETS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "like": lambda r: (r >= 4).astype(np.float32),
     "dislike": lambda r: (r <= 2).astype(np.float32),
     "rating": lambda r: r.astype(np.float32),
+    # did the user rate the movie at all: 1 for a rating, 0 for a sampled unrated pair (rating 0)
+    "rated": lambda r: (r > 0).astype(np.float32),
 }
 
 
@@ -81,6 +83,7 @@ class TaskSpec:
 LIKE = TaskSpec("like", "binary", "like")
 RATING = TaskSpec("rating", "regression", "rating")
 DISLIKE = TaskSpec("dislike", "binary", "dislike")
+RATE = TaskSpec("rate", "binary", "rated")  # implicit: learned over rated and sampled unrated pairs
 
 
 @dataclass(frozen=True)
@@ -150,10 +153,14 @@ class RecsysConfig:
 
     Attributes:
         dataset: "movielens-100k" | "movielens-1m".
-        split: an official ML-100K fold (u1..u5, ua, ub), "random" (seeded 80/20) or "temporal"
-            (each user's latest 20 % of ratings are the test part).
-        val_fraction: seeded share of the training part held out for early stopping.
+        split: an official ML-100K fold (u1..u5, ua, ub), "random" (seeded 80/20), "temporal"
+            (each user's latest 20 % of ratings are the test part) or "recbole" (per user a seeded
+            random 80/10/10 fit / val / test, RecBole's default; `moe_apps.recsys.splits`).
+        val_fraction: share of the training part held out for early stopping: seeded random, or
+            for "temporal" each user's latest share (the protocol's own); "recbole" keeps its 10 %.
         history_dropout: probability of dropping each movie of a training rating's history.
+        negatives: unrated movies drawn per rating for a task with an implicit target (``rate``):
+            afresh each training epoch, once (fixed) for validation and test; 0 = ratings only.
         batch_size, eval_batch_size: ratings per training / evaluation batch.
         embedding_l2: coefficient of the L2 penalty on the embedding rows a batch looks up.
         epochs, lr, weight_decay, schedule, grad_clip, patience, monitor, monitor_mode, seed,
@@ -165,6 +172,7 @@ class RecsysConfig:
     split: str = "u1"
     val_fraction: float = 0.05
     history_dropout: float = 0.5
+    negatives: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = 1024
     eval_batch_size: int = 8192
@@ -196,6 +204,12 @@ class RecsysConfig:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if not 0.0 <= self.history_dropout < 1.0:
             raise ValueError(f"history_dropout must be in [0, 1), got {self.history_dropout}")
+        check_positive_int(self.negatives, "negatives", minimum=0)
+        implicit = [t.name for t in self.model.tasks if t.target == "rated"]
+        if implicit and self.negatives == 0:
+            raise ValueError(f"task {implicit[0]!r} is learned over unrated movies too: set negatives >= 1")
+        if self.negatives and not implicit:
+            raise ValueError("negatives > 0 needs a task with the implicit target 'rated' (e.g. RATE)")
         check_positive_int(self.batch_size, "batch_size")
         check_positive_int(self.eval_batch_size, "eval_batch_size")
         if self.embedding_l2 < 0 or self.importance_coef < 0:
@@ -277,12 +291,24 @@ def ml1m_preset() -> RecsysConfig:
     return RecsysConfig(dataset="movielens-1m", split="temporal", batch_size=4096, epochs=20)
 
 
+def ranking_preset() -> RecsysConfig:
+    """The ESMM-style task mix for top-K lists (Ma et al. 2018): ``rate`` (did the user rate the
+    movie; over the whole catalogue, one unrated movie drawn afresh per rating each epoch),
+    ``like`` given rated, and the rating; ranked by P(rate) x P(like | rate). MMoE with 6 experts of
+    32 (PLE: one per task + 3 shared); `--model` swaps the bottom on the same features."""
+    return RecsysConfig(
+        model=ModelConfig(tasks=(RATE, LIKE, RATING), num_experts=6, expert_dim=32, dropout=0.3),
+        negatives=1, batch_size=2048, epochs=10, patience=2, monitor="loss",
+    )
+
+
 PRESETS: dict[str, Callable[[], RecsysConfig]] = {
     "default": default_preset,
     "ple": ple_preset,
     "three-tasks": three_tasks_preset,
     "tiny": tiny_preset,
     "ml1m": ml1m_preset,
+    "ranking": ranking_preset,
 }
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from moe_apps.recsys.config import TaskSpec
 from moe_apps.recsys.data import RecsysBatch
+from moe_apps.recsys.ranking import RATE_TARGET
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,30 @@ def task_metrics(tasks: Sequence[TaskSpec], targets_BT: np.ndarray, predictions_
     return metrics
 
 
+def entire_space_bce(rate_logit_B: Tensor, like_logit_B: Tensor, rated_and_liked_B: Tensor) -> Tensor:
+    """Per-row BCE of ``P(rate) x P(like | rate)`` against "rated and liked" (0 on unrated pairs):
+    ESMM's pCTCVR loss (Ma et al. 2018), which trains the conditional tower over the entire space."""
+    log_p = F.logsigmoid(rate_logit_B) + F.logsigmoid(like_logit_B)
+    log_not_p = torch.log1p(-torch.exp(log_p).clamp(max=1.0 - 1e-6))
+    return -(rated_and_liked_B * log_p + (1.0 - rated_and_liked_B) * log_not_p)
+
+
 def task_losses(tasks: Sequence[TaskSpec], logits_BT: Tensor, predictions_BT: Tensor,
                 targets_BT: Tensor, mask_BT: Tensor | None = None) -> list[Tensor]:
     """Unweighted per-task losses: BCE-with-logits (binary) or MSE (regression), each the mean
-    over the rows where the task has a label (``mask_BT``; all rows if None, 0 if none)."""
+    over the rows where the task has a label (``mask_BT``; all rows if None, 0 if none).
+
+    With an implicit ``rated`` task beside ``like``, the like loss is ESMM's entire-space one
+    (`entire_space_bce` over every row: rated or sampled unrated), so P(like | rate) is learned
+    through the product that ranks the lists; its metrics stay those of P(like | rate) on rated rows."""
+    targets = [spec.target for spec in tasks]
+    esmm = RATE_TARGET in targets and "like" in targets
     losses = []
     for t, spec in enumerate(tasks):
+        if esmm and spec.target == "like":  # ESMM: P(rate) x P(like | rate) vs "rated and liked"
+            losses.append(entire_space_bce(logits_BT[:, targets.index(RATE_TARGET)].float(),
+                                           logits_BT[:, t].float(), targets_BT[:, t]).mean())
+            continue
         if spec.kind == "binary":
             per_row = F.binary_cross_entropy_with_logits(logits_BT[:, t].float(), targets_BT[:, t],
                                                          reduction="none")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,15 +23,11 @@ from torch import nn
 from moe_apps.atomic import atomic_write
 from moe_apps.datasets import MovieLensData, Ratings, load_movielens, resolve_data_root
 from moe_apps.recsys.config import OFFICIAL_SPLITS, RecsysConfig, get_preset, with_vocab
-from moe_apps.recsys.data import (
-    Features,
-    RatingBatches,
-    build_features,
-    make_batch,
-    make_split,
-    validation_slice,
-)
+from moe_apps.recsys.data import Features, RecsysBatch, build_features, make_batch
+from moe_apps.recsys.implicit import held_out_batches, training_batches
 from moe_apps.recsys.model import build_model, count_parameters, gate_labels
+from moe_apps.recsys.ranking import evaluate_ranking, interaction_matrix, ranking_score
+from moe_apps.recsys.splits import protocol_parts
 from moe_apps.recsys.task import RecsysTask
 from moe_apps.training import fit, load_checkpoint, resolve_device, set_seed
 from moe_apps.training.run import apply_overrides, check_run_folder, open_run, start_run
@@ -66,9 +63,8 @@ class TrainOutcome:
 def prepare_data(config: RecsysConfig, data_root: Path, data: MovieLensData | None = None) -> RunData:
     """Load the dataset (unless given), split it by ``config`` and build the feature tables."""
     data = load_movielens(config.dataset, data_root) if data is None else data
-    train, test = make_split(data, config.split, config.seed)
-    fit_part, val = validation_slice(train, config.val_fraction, config.seed)
-    return RunData(data, train, test, fit_part, val, build_features(data, fit_part))
+    parts = protocol_parts(data, config.split, config.seed, config.val_fraction)
+    return RunData(data, parts.train, parts.test, parts.fit, parts.val, build_features(data, parts.fit))
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -76,10 +72,29 @@ def _write_json(path: Path, payload: Any) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def _eval_batches(config: RecsysConfig, run: RunData, ratings: Ratings) -> RatingBatches:
-    """Batches of validation or test ratings (in order, no history dropout, not in the fit part)."""
-    return RatingBatches(run.features, config.model.tasks, ratings, config.eval_batch_size,
-                         in_fit=False)
+def _seen(run: RunData, *parts: Ratings) -> torch.Tensor:
+    """(users, movies) bool: rated in any of ``parts``."""
+    shape = (len(run.data.users), len(run.data.items))
+    seen = torch.zeros(shape, dtype=torch.bool)
+    for part in parts:
+        seen |= interaction_matrix(part, *shape)
+    return seen
+
+
+def _eval_batches(config: RecsysConfig, run: RunData, ratings: Ratings) -> Iterable[RecsysBatch]:
+    """Batches of validation or test ratings (in order, no history dropout, not in the fit part);
+    with ``negatives``, each rating also brings that many unrated movies, drawn once."""
+    seen = _seen(run, run.train, ratings) if config.negatives else None
+    return held_out_batches(run.features, config.model.tasks, ratings, batch_size=config.eval_batch_size,
+                            negatives=config.negatives, seen_UI=seen, seed=config.seed)
+
+
+def _ranking_metrics(model: nn.Module, config: RecsysConfig, run: RunData, relevant: Ratings,
+                     device: torch.device | str | None = None) -> dict[str, float]:
+    """Full-ranking top-K metrics (`moe_apps.recsys.ranking`): every movie not rated in the
+    training part is a candidate, ``relevant`` holds the test ratings."""
+    return evaluate_ranking(model, run.features, config.model.tasks, run.train, relevant,
+                            len(run.data.users), len(run.data.items), device=device)
 
 
 def _task(config: RecsysConfig) -> RecsysTask:
@@ -153,6 +168,7 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
         device = next(model.parameters()).device
         model.eval()
         test_metrics = task.evaluate(model, (b.to(device) for b in _eval_batches(config, run, run.test)))
+        test_metrics.update(_ranking_metrics(model, config, run, run.test, device))
         seconds = time.perf_counter() - started
         _write_json(run_dir / "test_metrics.json", {"split": config.split, "best_epoch": result.best_epoch,
                                                     "metrics": test_metrics, "seconds": seconds})
@@ -184,9 +200,12 @@ def _fit(config: RecsysConfig, run: RunData, run_dir: Path, resume: bool, consol
     tasks = config.model.tasks
     val_batches = list(_eval_batches(config, run, run.val))
 
-    def train_batches(epoch: int) -> RatingBatches:
-        return RatingBatches(run.features, tasks, run.fit, config.batch_size, in_fit=True,
-                             seed=(config.seed, epoch), history_dropout=config.history_dropout)
+    seen_fit = _seen(run, run.fit) if config.negatives else None
+
+    def train_batches(epoch: int) -> Iterable[RecsysBatch]:
+        return training_batches(run.features, tasks, run.fit, batch_size=config.batch_size,
+                                negatives=config.negatives, seen_UI=seen_fit, seed=(config.seed, epoch),
+                                history_dropout=config.history_dropout)
 
     result = fit(model, task, train_batches, lambda: val_batches, config.train_config(progress=progress),
                  run_dir, app=APP, model_config=model_config_dict(config), resume=resume,
@@ -230,7 +249,9 @@ def load_run(run_dir: str | Path, data_dir: str | Path | None = None,
 
 def _test_part(loaded: LoadedRun, split: str | None) -> Ratings:
     config, run = loaded.config, loaded.run
-    return run.test if split is None or split == config.split else make_split(run.data, split, config.seed)[1]
+    if split is None or split == config.split:
+        return run.test
+    return protocol_parts(run.data, split, config.seed, config.val_fraction).test
 
 
 def overlap_with_training(loaded: LoadedRun, split: str | None = None) -> tuple[int, int]:
@@ -246,7 +267,10 @@ def overlap_with_training(loaded: LoadedRun, split: str | None = None) -> tuple[
 def evaluate_run(loaded: LoadedRun, split: str | None = None) -> dict[str, float]:
     """Test metrics of a loaded run on its own split (or the test part of ``split``)."""
     config, run = loaded.config, loaded.run
-    return _task(config).evaluate(loaded.model, _eval_batches(config, run, _test_part(loaded, split)))
+    test = _test_part(loaded, split)
+    metrics = _task(config).evaluate(loaded.model, _eval_batches(config, run, test))
+    metrics.update(_ranking_metrics(loaded.model, config, run, test))
+    return metrics
 
 
 @dataclass(frozen=True)
@@ -261,16 +285,14 @@ class Recommendation:
 def recommend(loaded: LoadedRun, user_id: int, top: int = 10, task: str | None = None,
               min_ratings: int = 0) -> list[Recommendation]:
     """The ``top`` movies user ``user_id`` (MovieLens id) has not rated in the training part,
-    ranked by the predicted probability of ``task`` (default: "like", else the first binary task).
+    ranked by ``task``'s prediction, by default the run's ranking score (`ranking_score`: P(rate) x
+    P(like | rate) for a ``ranking`` run, else P(like), else the first binary task).
     ``min_ratings`` keeps only movies with at least that many training ratings (movies seen by a
     handful of users get extreme scores from their few ratings)."""
     config, run = loaded.config, loaded.run
     tasks = config.model.tasks
     names = [t.name for t in tasks]
-    if task is None:
-        binary = [t.name for t in tasks if t.kind == "binary"]
-        task = "like" if "like" in names else (binary[0] if binary else names[0])
-    if task not in names:
+    if task is not None and task not in names:
         raise ValueError(f"task must be one of {names}, got {task!r}")
     if top < 1:
         raise ValueError(f"--top must be >= 1, got {top}")
@@ -295,8 +317,8 @@ def recommend(loaded: LoadedRun, user_id: int, top: int = 10, task: str | None =
     batch = make_batch(run.features, tasks, torch.full_like(candidates, user), candidates, None)
     with torch.no_grad():
         predictions_BT = loaded.model(batch).predictions_BT.float()
-    column = names.index(task)
-    order = torch.argsort(predictions_BT[:, column], descending=True, stable=True)[:top]
+    score_B = ranking_score(predictions_BT, tasks) if task is None else predictions_BT[:, names.index(task)]
+    order = torch.argsort(score_B, descending=True, stable=True)[:top]
     return [
         Recommendation(int(run.data.items.raw_id[candidates[i]]), run.data.items.title[candidates[i]],
                        {name: float(predictions_BT[i, t]) for t, name in enumerate(names)})

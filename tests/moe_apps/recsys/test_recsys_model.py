@@ -161,3 +161,19 @@ def test_config_validation_and_presets() -> None:
     assert RecsysConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown RecsysConfig keys"):
         RecsysConfig.from_dict({**config.to_dict(), "colour": 1})
+
+
+def test_task_mix_trains_like_over_the_entire_space() -> None:
+    from moe_apps.recsys.task import entire_space_bce
+
+    rate = SimpleNamespace(name="rate", kind="binary", target="rated", loss_weight=1.0)
+    logits = torch.tensor([[1.0, 0.5, 0.0], [-2.0, 2.0, 0.0], [0.3, -1.0, 0.0]])
+    preds = torch.cat([torch.sigmoid(logits[:, :2]), torch.full((3, 1), 3.0)], 1)
+    targets = torch.tensor([[1.0, 1.0, 4.0], [0.0, 0.0, 0.0], [1.0, 0.0, 2.0]])  # row 1: unrated
+    mask = torch.tensor([[True, True, True], [True, False, False], [True, True, True]])
+    rate_loss, like_loss, rating_loss = task_losses((rate, LIKE, RATING), logits, preds, targets, mask)
+    p = [1 / (1 + math.exp(-a)) / (1 + math.exp(-b)) for a, b in logits[:, :2].tolist()]
+    by_hand = -(math.log(p[0]) + math.log(1 - p[1]) + math.log(1 - p[2])) / 3  # every row counts
+    assert float(like_loss) == pytest.approx(by_hand, rel=1e-5)
+    assert float(entire_space_bce(logits[:, 0], logits[:, 1], targets[:, 1]).mean()) == pytest.approx(by_hand, rel=1e-5)
+    assert float(rating_loss) == pytest.approx(((3.0 - 4.0) ** 2 + (3.0 - 2.0) ** 2) / 2)  # rated rows only

@@ -1,0 +1,86 @@
+"""The `ranking` preset through the CLI: train (task mix, recbole split), eval --json with the
+full-ranking keys, recommend by P(rate) x P(like | rate), export (and its refusals)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from recsys_synthetic import write_random_ml100k
+from typer.testing import CliRunner
+
+from moe_apps.cli import app
+
+runner = CliRunner()
+RANKING_KEYS = [f"{m}@{k}" for k in (10, 20) for m in ("recall", "ndcg", "hit", "mrr")]
+
+
+def one_line_error(result, needle: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("recsys-rank-data")
+    write_random_ml100k(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ranking_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "ple-recbole"
+    result = runner.invoke(app, ["recsys", "train", "--preset", "ranking", "--model", "ple",
+                                 "--split", "recbole", "--epochs", "2", "--data-dir", str(data_root),
+                                 "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_ranking_run_learns_three_tasks_and_reports_top_k(ranking_run: Path) -> None:
+    config = json.loads((ranking_run / "config.json").read_text())["config"]
+    assert [t["name"] for t in config["model"]["tasks"]] == ["rate", "like", "rating"]
+    assert config["negatives"] == 1 and config["split"] == "recbole"
+    test = json.loads((ranking_run / "test_metrics.json").read_text())["metrics"]
+    for key in ("rate_auc", "like_auc", "rating_rmse", *RANKING_KEYS, "liked_ndcg@10", "users_evaluated"):
+        assert key in test, key
+    assert 0 < test["rate_auc"] < 1 and 0 <= test["ndcg@10"] <= 1
+    gates = json.loads((ranking_run / "gates.json").read_text())
+    assert gates["tasks"] == ["rate", "like", "rating"] and (ranking_run / "gates.png").is_file()
+
+
+def test_eval_json_has_ranking_keys(ranking_run: Path, data_root: Path) -> None:
+    result = runner.invoke(app, ["recsys", "eval", str(ranking_run), "--json", "--data-dir", str(data_root)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)["metrics"]
+    stored = json.loads((ranking_run / "test_metrics.json").read_text())["metrics"]
+    for key in RANKING_KEYS:
+        assert metrics[key] == pytest.approx(stored[key], abs=1e-9)
+
+
+def test_recommend_ranks_by_the_ranking_score(ranking_run: Path, data_root: Path) -> None:
+    result = runner.invoke(app, ["recsys", "recommend", str(ranking_run), "--user", "3", "--top", "5",
+                                 "--min-ratings", "0", "--data-dir", str(data_root)])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.strip().startswith("│ ")]
+    scores = [[float(c) for c in row.split("│")[4:6]] for row in rows]
+    products = [rate * like for rate, like in scores]
+    assert len(products) == 5  # shown rounded to 3 decimals, so allow their rounding
+    assert all(a >= b - 2e-3 for a, b in zip(products, products[1:], strict=False))
+
+
+def test_export_writes_a_program_and_refuses_an_existing_folder(ranking_run: Path, data_root: Path,
+                                                                tmp_path: Path) -> None:
+    out = tmp_path / "served"
+    result = runner.invoke(app, ["recsys", "export", str(ranking_run), str(out), "--data-dir", str(data_root)])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "export.json").read_text())
+    assert info["score"] == "P(rate) x P(like | rate)" and (out / "model.pt2").is_file()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    one_line_error(runner.invoke(app, ["recsys", "export", str(ranking_run), str(out)]),
+                   "already exists; choose a new export folder")
+    one_line_error(runner.invoke(app, ["recsys", "export", str(tmp_path), str(tmp_path / "x")]),
+                   "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
