@@ -236,9 +236,9 @@ def default_train(**changes: Any) -> TrainConfig:
     """The shared loop's settings for translation: AdamW (Loshchilov & Hutter 2019) with the
     inverse-square-root schedule after a linear warm-up (Vaswani et al. 2017), bf16 autocast,
     gradient clipping at 1.0, validation loss picks the best epoch, no early stopping."""
-    base = dict(epochs=14, lr=1e-3, weight_decay=0.0001, optimizer="adamw", betas=(0.9, 0.98),
+    base = dict(epochs=12, lr=2e-3, weight_decay=0.0001, optimizer="adamw", betas=(0.9, 0.98),
                 schedule="inverse_sqrt",
-                warmup_steps=400, grad_clip=1.0, precision="bf16", monitor="loss",
+                warmup_steps=200, grad_clip=1.0, precision="bf16", monitor="loss",
                 monitor_mode="min", patience=None, checkpoint_every=50, log_every=10,
                 aux_loss_coefficients=(("load_balance", 0.01), ("z_loss", 0.001)))
     base.update(changes)
@@ -246,15 +246,17 @@ def default_train(**changes: Any) -> TrainConfig:
 
 
 def default_preset() -> TranslationConfig:
-    """The full run: 3+3 layers, 256 wide, 8 experts top-2, 4,000-token batches; the number of
-    updates is sized to fit 90 minutes on the 2 cores (docs/BENCHMARKS.md, Translation)."""
+    """The full run: 3+3 layers, 256 wide, 8 experts top-2 (expert hidden 512, dense twin 1024),
+    4,000-token batches, 2,400 updates (12 validations, one every 200 updates), sized to fit 90
+    minutes on the 2 cores (docs/BENCHMARKS.md, Translation)."""
     return TranslationConfig(preset="default")
 
 
 def compare_preset() -> TranslationConfig:
-    """The MoE-vs-dense comparison: the default model and recipe with fewer updates (~15 min)."""
-    return TranslationConfig(train=default_train(epochs=4, warmup_steps=200),
-                             data=DataConfig(updates_per_epoch=100), preset="compare")
+    """The MoE-vs-dense comparison: the default model and recipe with 360 updates (4 x 90), about
+    15 minutes a model on the 2 cores."""
+    return TranslationConfig(train=default_train(epochs=4), data=DataConfig(updates_per_epoch=90),
+                             preset="compare")
 
 
 def smoke_preset() -> TranslationConfig:

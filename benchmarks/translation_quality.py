@@ -1,0 +1,92 @@
+"""Translation quality and speed on Multi30k: the MoE model against its dense twin (same active
+FLOPs per token), trained one after the other with the same preset, updates and recipe.
+
+For each model: train (`moe_apps.translation.train.train`, the same code as `moe-apps translation
+train`), then decode the test split with beam search and score it with sacreBLEU. Columns: BLEU,
+chrF and lowercased BLEU (detokenized, cased, 13a), sacreBLEU's length ratio, training wall time
+(the loop's epochs, validation included), training target tokens/s, decoding sentences/s (beam
+search over the whole split, batches sorted by length). Prints a table (``--json``: one JSON list).
+
+    python benchmarks/translation_quality.py --preset compare --models moe dense --out runs/translation-bench
+    python benchmarks/translation_quality.py --preset compare --direction en-de
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_one(model: str, args: argparse.Namespace, out: Path) -> dict:
+    """Train one model into ``out`` and score its best checkpoint; the numbers as a dict."""
+    from moe_apps.training.run import apply_overrides
+    from moe_apps.translation.config import get_preset
+    from moe_apps.translation.train import evaluate, evaluation_set, load_run, train
+
+    config = apply_overrides(get_preset(args.preset), {
+        "model.model": model, "data.direction": args.direction, "train.epochs": args.epochs,
+        "train.seed": args.seed})
+    started = time.perf_counter()
+    outcome = train(config, out, data_dir=args.data_dir, progress=False)
+    wall = time.perf_counter() - started
+    summary = json.loads((out / "train_summary.json").read_text())
+    run = load_run(out)
+    name, sources, references = evaluation_set(run, split=args.split, src=None, ref=None, data_dir=args.data_dir)
+    scores = evaluate(run, name, sources, references, beam=args.beam)
+    return {
+        "model": model, "direction": args.direction, "preset": args.preset, "updates": config.total_updates,
+        "split": name, "beam": args.beam, "bleu": scores["bleu"], "chrf": scores["chrf"],
+        "bleu_lowercase": scores["bleu_lowercase"], "length_ratio": scores["length_ratio"],
+        "train_seconds": summary["epochs_seconds"], "train_wall_seconds": wall,
+        "train_target_tokens_per_s": summary["target_tokens_per_s"],
+        "val_loss": outcome.val_metrics["loss"], "decode_seconds": scores["decode_seconds"],
+        "sentences_per_s": scores["sentences_per_s"], "parameters": outcome.parameters["total"],
+        "bleu_signature": scores["bleu_signature"], "run_dir": str(out),
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = [("model", "{}"), ("direction", "{}"), ("updates", "{}"), ("bleu", "{:.2f}"),
+               ("chrf", "{:.2f}"), ("bleu_lowercase", "{:.2f}"), ("length_ratio", "{:.3f}"),
+               ("train_seconds", "{:.0f}"), ("train_target_tokens_per_s", "{:.0f}"),
+               ("decode_seconds", "{:.1f}"), ("sentences_per_s", "{:.1f}"), ("parameters", "{:,}")]
+    cells = [[name for name, _ in columns]] + [[fmt.format(row[name]) for name, fmt in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+    if rows:
+        print(rows[0]["bleu_signature"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
+    parser.add_argument("--preset", default="compare")
+    parser.add_argument("--direction", default="de-en", choices=["de-en", "en-de"])
+    parser.add_argument("--epochs", type=int, default=None, help="Override the preset's epochs.")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--split", default="test_2016_flickr")
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", type=Path, default=None, help="Folder for the run folders (default: a temp dir).")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        base = args.out if args.out is not None else Path(scratch)
+        rows = []
+        for model in args.models:
+            print(f"training {model} ({args.preset}, {args.direction})", file=sys.stderr, flush=True)
+            rows.append(run_one(model, args, base / f"{model}-{args.direction}-{args.preset}"))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
