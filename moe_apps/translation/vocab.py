@@ -7,6 +7,9 @@ detokenizer to add); ``byte_fallback`` turns a character never seen in training 
 pieces instead of one lossy ``<unk>``; and the whole model is one small file (``spm.model``) that
 `eval` and `translate` read back.
 
+Text is NFKC-normalized on the way in (sentencepiece's ``nmt_nfkc`` rule: ``ŉ`` becomes ``ʼn``,
+full-width letters become ASCII); otherwise decoding gives back the input.
+
 Special ids: 0 pad, 1 unk, 2 bos, 3 eos.
 """
 

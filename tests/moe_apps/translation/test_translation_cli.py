@@ -1,0 +1,163 @@
+"""`moe-apps translation train / eval / translate` through Typer's CliRunner on a synthetic
+Multi30k: the run folder's files, the eval JSON keys, user test files (plain and gzipped), stdin
+translation, --show-routing, bad input (one line, exit 1, nothing written), and kill -9 then
+--resume giving bit-identical weights."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from moe_apps.cli import app
+
+runner = CliRunner()
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_train_writes_the_run_folder(smoke_run: Path) -> None:
+    files = _files(smoke_run)
+    for name in ("config.json", "spm.model", "metrics.jsonl", "checkpoints/best.pt", "checkpoints/last.pt",
+                 "curves.png", "routing.json", "routing.png", "train_summary.json"):
+        assert name in files, name
+    routing = json.loads((smoke_run / "routing.json").read_text())
+    assert set(routing) == {"encoder.0", "decoder.0"}
+    for layer in routing.values():
+        assert abs(sum(layer["fraction_per_expert"]) - 1) < 1e-6 and layer["val_dropped_fraction"] == 0
+    assert json.loads((smoke_run / "config.json").read_text())["app"] == "translation"
+
+
+def test_eval_json_on_a_split_writes_hypotheses(smoke_run: Path, tmp_path: Path, multi30k_root: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    result = runner.invoke(app, ["translation", "eval", str(run), "--split", "val", "--beam", "2", "--json",
+                                 "--data-dir", str(multi30k_root)])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("bleu", "chrf", "bleu_signature", "chrf_signature", "bleu_lowercase", "length_ratio"):
+        assert key in scores
+    assert scores["bleu_signature"].startswith("nrefs:1|case:mixed") and scores["sentences"] == 24
+    hypotheses = (run / "hypotheses" / "val.beam2.txt").read_text().splitlines()
+    assert len(hypotheses) == 24
+
+
+def test_eval_scores_user_files_plain_and_gzipped(smoke_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    src, ref = tmp_path / "mine.de", tmp_path / "mine.en.gz"
+    src.write_text("Ein mann fährt fahrrad.\nZwei hund.\n")
+    ref.write_bytes(gzip.compress(b"A man rides bike.\nTwo dog.\n"))
+    result = runner.invoke(app, ["translation", "eval", str(run), "--src", str(src), "--ref", str(ref),
+                                 "--beam", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["sentences"] == 2
+    assert (run / "hypotheses" / "mine.de.beam1.txt").is_file()
+
+
+def test_eval_refuses_mismatched_files_and_writes_nothing(smoke_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = _files(run)
+    src, ref = tmp_path / "a.de", tmp_path / "b.en"
+    src.write_text("Ein hund.\nZwei hund.\n")
+    ref.write_text("A dog.\n")
+    result = runner.invoke(app, ["translation", "eval", str(run), "--src", str(src), "--ref", str(ref)])
+    assert result.exit_code == 1
+    assert "has 2 lines but" in result.output and "Traceback" not in result.output
+    assert _files(run) == before
+
+
+def test_another_apps_run_folder_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "recsys-run"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"app": "recsys", "config": {}, "format": 1}))
+    for command in (["eval", str(other)], ["translate", str(other), "Ein Hund."]):
+        result = runner.invoke(app, ["translation", *command])
+        assert result.exit_code == 1 and "recsys" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert _files(other) == {"config.json"}
+
+
+def test_translate_argument_stdin_empty_lines_and_unseen_characters(smoke_run: Path) -> None:
+    result = runner.invoke(app, ["translation", "translate", str(smoke_run), "Ein mann fährt fahrrad."])
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.splitlines()) == 1 and result.stdout.strip()
+    result = runner.invoke(app, ["translation", "translate", str(smoke_run)],
+                           input="Ein hund.\n\nZwei 猫 über ŉ straße.\n")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.split("\n")[:3]
+    assert lines[0].strip() and lines[1] == "" and lines[2].strip()
+    empty = runner.invoke(app, ["translation", "translate", str(smoke_run)], input="")
+    assert empty.exit_code == 0 and empty.stdout == ""
+
+
+def test_translate_truncates_an_overlong_line_with_a_warning(smoke_run: Path) -> None:
+    long_line = " ".join(["hund"] * 200)
+    result = runner.invoke(app, ["translation", "translate", str(smoke_run), long_line])
+    assert result.exit_code == 0, result.output
+    assert "truncated" in result.output
+
+
+def test_show_routing_lists_experts_per_subword_and_layer(smoke_run: Path) -> None:
+    result = runner.invoke(app, ["translation", "translate", str(smoke_run), "Ein hund.", "--show-routing"])
+    assert result.exit_code == 0, result.output
+    assert "encoder experts" in result.output and "decoder experts" in result.output
+    assert "layer 0" in result.output and "</s>" in result.output
+
+
+def test_train_refuses_an_existing_run_and_bad_options(smoke_run: Path, multi30k_root: Path) -> None:
+    before = _files(smoke_run)
+    result = runner.invoke(app, ["translation", "train", "--preset", "smoke", "--out", str(smoke_run),
+                                 "--data-dir", str(multi30k_root)])
+    assert result.exit_code == 1 and "already holds a run" in result.output
+    result = runner.invoke(app, ["translation", "train", "--preset", "smoke", "--router", "nope",
+                                 "--out", str(smoke_run.parent / "x")])
+    assert result.exit_code == 1 and "router must be one of" in result.output
+    assert not (smoke_run.parent / "x").exists()
+    assert _files(smoke_run) == before
+
+
+def _train_cmd(out: Path, data: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "moe_apps.cli", "translation", "train", "--preset", "smoke", "--out",
+            str(out), "--data-dir", str(data), "--no-progress", "--epochs", "3", *extra]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def test_kill_then_resume_gives_identical_weights(multi30k_root: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(_train_cmd(whole, multi30k_root), env=env, check=True, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(killed, multi30k_root), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(last, weights_only=True)
+    assert state["global_step"] < 12, "the run ended before it was killed"
+    resumed = subprocess.run(_train_cmd(killed, multi30k_root, "--resume"), env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _weights(whole), _weights(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (killed / "spm.model").read_bytes() == (whole / "spm.model").read_bytes()
