@@ -62,7 +62,7 @@ def test_batch_layout_bos_eos_and_padding() -> None:
 def test_text_files_plain_gzip_and_errors(tmp_path: Path) -> None:
     plain, packed = tmp_path / "a.txt", tmp_path / "b.txt.gz"
     plain.write_text("eins\r\nzwei\n")
-    packed.write_bytes(gzip.compress("one\ntwo\n".encode()))
+    packed.write_bytes(gzip.compress(b"one\ntwo\n"))
     assert read_text_lines(plain) == ["eins", "zwei"]
     assert read_parallel_files(plain, packed) == (["eins", "zwei"], ["one", "two"])
     bad = tmp_path / "c.txt"
