@@ -6,7 +6,8 @@ This is the entire-space sample of ESMM (Ma et al. 2018, "Entire Space Multi-Tas
 unrated pairs, while ``like`` (rating >= 4; ESMM's conversion) and the rating regression are
 labelled only on rated pairs (the batch mask). ``negatives`` unrated movies are drawn per rating,
 uniformly over the movies that user did not rate in ``seen_UI`` (rejection sampling; the same
-user, so both classes have the same user mix). The draw depends only on the seed, e.g.
+user, so both classes have the same user mix; a user who has rated every movie gets none, the
+documented answer to "nothing left to draw"). The draw depends only on the seed, e.g.
 ``(run seed, epoch)``: a fresh set each epoch, the same set again on resume.
 
 Shapes: N rows (ratings + negatives), U users, I movies.
@@ -70,8 +71,16 @@ class ImplicitBatches:
         self.batch_size, self.negatives, self.seen_UI = batch_size, negatives, seen_UI
         self.seed, self.in_fit, self.history_dropout = tuple(seed), in_fit, history_dropout
 
+    def _negative_users(self) -> Tensor:
+        """The user of each negative: ``negatives`` per rating, except for a user who has rated
+        every movie (nothing to draw; documented answer: that user's ratings get no negatives)."""
+        user_P = torch.as_tensor(self.ratings.user, dtype=torch.int64)
+        has_unrated_P = ~self.seen_UI.all(1)[user_P]
+        return user_P[has_unrated_P].repeat(self.negatives)
+
     def __len__(self) -> int:
-        return -(-len(self.ratings) * (1 + self.negatives) // self.batch_size)
+        rows = len(self.ratings) + len(self._negative_users())
+        return -(-rows // self.batch_size)
 
     def rows(self) -> tuple[Tensor, Tensor, np.ndarray, Tensor]:
         """(user_N, item_N, rating_N, in_fit_N) of the epoch, shuffled (negatives have rating 0)."""
@@ -79,7 +88,7 @@ class ImplicitBatches:
             int(np.random.default_rng(list(self.seed)).integers(2**62)))
         user_P = torch.as_tensor(self.ratings.user, dtype=torch.int64)
         item_P = torch.as_tensor(self.ratings.item, dtype=torch.int64)
-        user_M = user_P.repeat(self.negatives)
+        user_M = self._negative_users()
         item_M = sample_unrated(self.seen_UI, user_M, generator)
         user_N, item_N = torch.cat([user_P, user_M]), torch.cat([item_P, item_M])
         rating_N = np.concatenate([self.ratings.rating.astype(np.float32),

@@ -140,3 +140,16 @@ def test_held_out_negatives_are_fixed_and_training_ones_follow_the_epoch() -> No
                             seen_UI=seen, seed=0) for _ in range(2)]
     items = [torch.cat([b.item_B for b in v]) for v in val]
     assert torch.equal(items[0], items[1]) and len(items[0]) == 3 * len(parts.val)
+
+
+def test_a_user_who_rated_every_movie_gets_no_negatives() -> None:
+    data = _random_data()
+    features = build_features(data, data.ratings)
+    seen = interaction_matrix(data.ratings, 40, 60)
+    seen[3] = True  # user 3 has rated the whole catalogue
+    batches = ImplicitBatches(features, (LIKE, RATING), data.ratings, 100, negatives=2, seen_UI=seen,
+                              seed=(0, 0), in_fit=False)
+    users = torch.cat([b.user_B for b in batches])
+    rated = torch.cat([b.mask_BT[:, 0] for b in batches])
+    assert int((users[~rated] == 3).sum()) == 0 and int((users[rated] == 3).sum()) == 25
+    assert len(users) == 25 * 40 + 2 * 25 * 39 and len(batches) == -(-len(users) // 100)
