@@ -1,8 +1,9 @@
 """Benchmark: the expert-parallel MoE layer on N local gloo processes against one process.
 
 For each process count P (``--nprocs``, default ``1,2``) the script starts P processes (torch's
-``multiprocessing.spawn``, gloo on 127.0.0.1, ``--threads`` cores shared out: ``threads // P``
-each), builds the same `moe_core.MoE` (same seed) in every one (P = 1: that layer itself; P > 1:
+``multiprocessing.spawn``, gloo on 127.0.0.1, ``--threads`` torch threads each, default 1: one core
+per rank, as one device per rank; on a shared machine a 2-thread process also loses badly to
+OpenMP threads waiting for a busy core), builds the same `moe_core.MoE` (same seed) in every one (P = 1: that layer itself; P > 1:
 `ExpertParallelMoE.from_moe`, the E experts split over the P ranks), gives each rank ``T / P`` of
 the same global batch of T tokens and times ``--steps`` training steps (forward, backward,
 `average_gradients`, Adam) after ``--warmup`` ones. It reports
@@ -14,7 +15,10 @@ the same global batch of T tokens and times ``--steps`` training steps (forward,
   slowest rank), and ``grad_allreduce_share``: the same for `average_gradients` (the all-reduce of
   the dense gradients);
 * ``outputs_max_abs_diff`` / ``grads_max_abs_diff``: P-process outputs and gradients (input,
-  router, expert weights) against one process on the first batch, before any update;
+  router, expert weights) against one process on the first batch, before any update (loss
+  ``sum(output * g)``); ``grads_max_rel_diff``: each gradient's largest difference over its largest
+  entry (fp32 sums over thousands of tokens in another order differ in the last bits), and
+  ``grads_max_abs_diff_by`` per kind;
 * ``checkpoint_2to1_max_abs_diff``: the P-process model after the timed steps is saved with
   `full_state_dict` and loaded into the one-process layer; the largest difference of their outputs.
 
@@ -74,7 +78,7 @@ def batch(args, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def worker(rank: int, world: int, port: int, args, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, args.threads // world))
+    torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     layer = build_layer(args)
     model = layer if world == 1 else ExpertParallelMoE.from_moe(layer)
@@ -138,15 +142,19 @@ def compare(args, results: list[dict], out_dir: str) -> dict[str, float]:
     out = layer(x)
     ((out.output * g[: x.shape[0]]).sum() + sum(out.aux_losses.values())).backward()
     outputs = max_diff(torch.cat([r["output"] for r in results]), out.output.detach())
-    grads = [max_diff(torch.cat([r["x_grad"] for r in results]), x.grad)]
-    grads += [max_diff(sum(r["router_grads"][n] for r in results), p.grad) for n, p in layer.router.named_parameters()]
-    grads += [max_diff(torch.cat([r["expert_grads"][n] for r in results]), p.grad)
-              for n, p in layer.experts.named_parameters()]
+    pairs = {"input": [(torch.cat([r["x_grad"] for r in results]), x.grad)],
+             "router": [(sum(r["router_grads"][n] for r in results), p.grad)
+                        for n, p in layer.router.named_parameters()],
+             "experts": [(torch.cat([r["expert_grads"][n] for r in results]), p.grad)
+                         for n, p in layer.experts.named_parameters()]}
+    by_kind = {kind: max(max_diff(a, b) for a, b in found) for kind, found in pairs.items()}
+    relative = max(max_diff(a, b) / float(b.abs().max()) for found in pairs.values() for a, b in found)
     layer.load_state_dict(torch.load(Path(out_dir) / "state.pt", weights_only=True))
     with torch.no_grad():
         probe = layer(batch(args, -1)[0][: x.shape[0]]).output
     checkpoint = max_diff(torch.cat([r["probe"] for r in results]), probe)
-    return {"outputs_max_abs_diff": outputs, "grads_max_abs_diff": max(grads),
+    return {"outputs_max_abs_diff": outputs, "grads_max_abs_diff": max(by_kind.values()),
+            "grads_max_rel_diff": relative, "grads_max_abs_diff_by": by_kind,
             "checkpoint_2to1_max_abs_diff": checkpoint}
 
 
@@ -161,7 +169,7 @@ def main() -> None:
     parser.add_argument("--nprocs", default="1,2", help="comma-separated process counts")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2, help="cores shared out over the processes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     args = parser.parse_args()
     counts = [int(v) for v in args.nprocs.split(",")]
@@ -190,7 +198,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(report))
     else:
-        for key in ("outputs_max_abs_diff", "grads_max_abs_diff", "checkpoint_2to1_max_abs_diff"):
+        for key in ("outputs_max_abs_diff", "grads_max_abs_diff", "grads_max_rel_diff",
+                    "checkpoint_2to1_max_abs_diff"):
             if key in report:
                 print(f"{key}: {report[key]:.3g}")
 
