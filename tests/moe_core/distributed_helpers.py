@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moe_core import FFN, ExpertBank, ExpertChoiceRouter, MoE, SwitchRouter, TopKRouter
+from moe_core import FFN, ExpertBank, ExpertChoiceRouter, HashRouter, MoE, SwitchRouter, TopKRouter
 
 D, H = 8, 12
 
@@ -78,6 +78,7 @@ SCENARIOS = {
     "empty_rank": (lambda: _topk(4, 2, 1.0), (10, 0), True),
     "idle_experts": (_idle_experts, (6, 4), True),
     "shared_masked": (_shared, (6, 4), True),  # (1, N) tokens with a padding mask
+    "hash": (lambda: MoE(HashRouter(D, 4, vocab_size=20), ExpertBank(4, D, H), capacity_factor=1.0), (7, 5), True),
     "expert_choice": (lambda: MoE(ExpertChoiceRouter(D, 4), ExpertBank(4, D, H)), (8, 6), False),
 }
 
@@ -97,12 +98,15 @@ def scenario_inputs(name: str, seed: int = 0):
 
 
 def reshape_tokens(name: str, x: torch.Tensor, start: int = 0):
-    """``shared_masked`` runs on ``(1, N, D)`` with every third token (by global index, from
-    ``start``) masked as padding."""
+    """``(x, token_mask, token_ids)`` for the layer: ``shared_masked`` runs on ``(1, N, D)`` with
+    every third token (by global index, from ``start``) masked as padding; ``hash`` gets token ids
+    from the global index."""
+    index = torch.arange(start, start + x.shape[0])
+    if name == "hash":
+        return x, None, index * 7 % 20
     if name != "shared_masked":
-        return x, None
-    mask = (torch.arange(start, start + x.shape[0]) % 3 != 2).reshape(1, -1)
-    return x.reshape(1, -1, D), mask
+        return x, None, None
+    return x.reshape(1, -1, D), (index % 3 != 2).reshape(1, -1), None
 
 
 def layer_worker(rank: int, world: int, names: list[str], out_dir: str) -> None:
@@ -116,8 +120,8 @@ def layer_worker(rank: int, world: int, names: list[str], out_dir: str) -> None:
         start = sum(sizes[:rank])
         x_r = x[start : start + sizes[rank]].clone().requires_grad_(True)
         g_r = g[start : start + sizes[rank]]
-        x_in, mask = reshape_tokens(name, x_r, start)
-        out = ep(x_in, token_mask=mask)
+        x_in, mask, ids = reshape_tokens(name, x_r, start)
+        out = ep(x_in, token_mask=mask, token_ids=ids)
         loss = (out.output.reshape(-1, D) * g_r).sum()
         if aux_in_loss:  # every rank adds the group's aux losses: a share of 1/world each
             loss = loss + sum(out.aux_losses.values()) / world

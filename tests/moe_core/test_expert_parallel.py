@@ -41,8 +41,8 @@ def _one_process(name: str):
     ``sum(out * g) + sum(aux)`` (the sum of the ranks' losses)."""
     layer, x, g, _, aux_in_loss = scenario_inputs(name)
     x = x.clone().requires_grad_(True)
-    x_in, mask = reshape_tokens(name, x)
-    out = layer(x_in, token_mask=mask)
+    x_in, mask, ids = reshape_tokens(name, x)
+    out = layer(x_in, token_mask=mask, token_ids=ids)
     loss = (out.output.reshape(-1, D) * g).sum()
     if aux_in_loss:
         loss = loss + sum(out.aux_losses.values())
