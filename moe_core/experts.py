@@ -168,7 +168,10 @@ class ModuleExperts(nn.Module):
     """Any E modules as experts, each mapping ``(n, *in_features) -> (n, *out_features)``.
 
     Heterogeneous experts are fine as long as every expert produces the same output shape.
-    Computed with a Python loop over experts (never over tokens).
+    Computed with a Python loop over experts (never over tokens); every expert runs each call,
+    on its block of rows (possibly empty), so all of them get gradients. ``feature_dims=3`` holds
+    a backbone's own conv blocks (e.g. conv-BN-GELU) over feature maps ``(C, H, W)``: a BatchNorm
+    inside an expert then sees, in training, the maps routed to that expert.
     """
 
     def __init__(self, modules: list[nn.Module], feature_dims: int = 1) -> None:
