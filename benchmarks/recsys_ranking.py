@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=args.json)
+    console = Console(stderr=args.json, width=200)
     data = load_movielens("movielens-100k", args.data_dir)
     per_fold: dict[str, dict[str, list[float]]] = {}
     seconds: dict[str, list[float]] = {}
