@@ -204,6 +204,8 @@ class Seq2SeqTransformer(nn.Module):
         """Logits ``(B, T, V)`` of the target positions given. With an incremental cache, ``tgt_BT``
         holds only the new positions (they follow the ``cache.length`` cached ones)."""
         start = cache.length if cache.incremental else 0
+        if start and tgt_BT.shape[1] != 1:
+            raise ValueError("an incremental decoder cache takes one new position per step after the first")
         x = self._embed(tgt_BT, start)
         mask_BT = tgt_BT != PAD
         for index, layer in enumerate(self.decoder):
