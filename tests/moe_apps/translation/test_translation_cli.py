@@ -161,3 +161,16 @@ def test_kill_then_resume_gives_identical_weights(multi30k_root: Path, tmp_path:
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert (killed / "spm.model").read_bytes() == (whole / "spm.model").read_bytes()
+
+
+def test_en_de_direction_reads_english_sources(multi30k_root: Path, tmp_path: Path) -> None:
+    from moe_apps.datasets import load_multi30k
+    from moe_apps.translation.train import evaluation_set, load_run
+
+    out = tmp_path / "en-de"
+    result = runner.invoke(app, ["translation", "train", "--preset", "smoke", "--direction", "en-de", "--epochs", "1",
+                                 "--out", str(out), "--data-dir", str(multi30k_root), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    name, sources, references = evaluation_set(load_run(out), split="val", src=None, ref=None)
+    val = load_multi30k(multi30k_root, ["val"])["val"]
+    assert name == "val" and sources == val.en and references == val.de
