@@ -61,15 +61,13 @@ def check_k(ks: Sequence[int], num_items: int) -> tuple[int, ...]:
     return ks
 
 
-def topk_hits(scores_UI: Tensor, seen_UI: Tensor, relevant_UI: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(hits_UK bool, listed_UK bool): whether the r-th best candidate is relevant, and whether a
-    candidate exists at rank r (a user with fewer than K candidates has a shorter list).
-
-    Seen movies are never listed; ties go to the lower movie index (a stable sort)."""
+def topk_hits(scores_UI: Tensor, seen_UI: Tensor, relevant_UI: Tensor, k: int) -> Tensor:
+    """(U, k) bool: whether the r-th best candidate is relevant. Seen movies are never listed
+    (a user with fewer than k candidates has a shorter list, the rest counts as misses); ties go
+    to the lower movie index (a stable sort)."""
     masked_UI = scores_UI.float().masked_fill(seen_UI, float("-inf"))
-    order_UI = torch.sort(masked_UI, dim=1, descending=True, stable=True).indices[:, :k]
-    listed_UK = ~seen_UI.gather(1, order_UI)
-    return relevant_UI.gather(1, order_UI) & listed_UK, listed_UK
+    order_UK = torch.sort(masked_UI, dim=1, descending=True, stable=True).indices[:, :k]
+    return relevant_UI.gather(1, order_UK) & ~seen_UI.gather(1, order_UK)
 
 
 def user_metrics(hits_UK: Tensor, num_relevant_U: Tensor, ks: Sequence[int]) -> dict[str, Tensor]:
@@ -159,7 +157,7 @@ def full_ranking(score_users: Callable[[Tensor], Tensor], seen_UI: Tensor, relev
         seen = seen_UI[user_U]
         for acc, relevant in zip(sums, (relevant_UI, liked_UI), strict=False):
             rel = relevant[user_U]
-            hits_UK, _ = topk_hits(scores_UI, seen, rel, ks[-1])
+            hits_UK = topk_hits(scores_UI, seen, rel, ks[-1])
             acc.add(hits_UK, rel.sum(1), ks)
     metrics: dict[str, float] = {}
     for acc in sums:
