@@ -27,6 +27,7 @@ Shapes: N candidate movies, U users, I movies, S features of one side, D embeddi
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import secrets
@@ -67,7 +68,7 @@ class ServingRecommender(nn.Module):
     def __init__(self, model: nn.Module, features: Features, tasks: Sequence[Any],
                  user_raw_ids: np.ndarray, item_raw_ids: np.ndarray) -> None:
         super().__init__()
-        model.eval()
+        model = copy.deepcopy(model).eval().requires_grad_(False)  # the caller's model is left alone
         self.tasks = tuple(tasks)
         self.nets = nn.ModuleList(model.nets if isinstance(model, SingleTaskModels) else [model])
         self.register_buffer("user_index", _id_index(user_raw_ids))
