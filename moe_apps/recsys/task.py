@@ -7,8 +7,8 @@ L2 of matrix factorisation). Metrics come from scikit-learn: ROC AUC and log los
 RMSE and MAE for regression tasks, plus the weighted validation ``loss`` and, for models with
 gates, the mean gate weight per task and expert (``gate_<task>_<expert>``: expert utilisation).
 A batch's ``mask_BT`` (pairs the user did not rate: only the implicit ``rated`` task has a label)
-restricts each task's loss and metrics to its labelled rows. With a ``ranker`` the evaluation also
-ranks the whole catalogue (`moe_apps.recsys.ranking`: ``ndcg@10``, ``recall@10``, ...).
+restricts each task's loss and metrics to its labelled rows (the full-ranking metrics are
+`moe_apps.recsys.ranking`'s, added by `moe_apps.recsys.train` to the test metrics).
 
 Shape legend: B batch, T tasks, E_t experts of task t's gate.
 """
@@ -16,7 +16,7 @@ Shape legend: B batch, T tasks, E_t experts of task t's gate.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,14 +162,10 @@ class RecsysTask:
     """Implements the `moe_apps.training.Task` protocol for the recsys models."""
 
     def __init__(self, tasks: Sequence[TaskSpec], embedding_l2: float,
-                 gate_labels: list[list[str]] | None = None,
-                 ranker: Callable[[nn.Module], dict[str, float]] | None = None) -> None:
-        """``ranker(model)``, if given, adds full-ranking metrics to every evaluation (validation
-        included, so ``ndcg@10`` can be monitored)."""
+                 gate_labels: list[list[str]] | None = None) -> None:
         if embedding_l2 < 0:
             raise ValueError(f"embedding_l2 must be >= 0, got {embedding_l2}")
         self.tasks, self.embedding_l2, self.gate_labels = tuple(tasks), embedding_l2, gate_labels
-        self.ranker = ranker
 
     def training_loss(self, model: nn.Module, batch: RecsysBatch) -> tuple[Tensor, dict[str, Tensor]]:
         out = model(batch)
@@ -184,6 +180,4 @@ class RecsysTask:
         result = predict(model, batches)
         metrics = task_metrics(self.tasks, result.targets_BT, result.predictions_BT, result.mask_BT)
         metrics.update(gate_metrics(self.tasks, result.gate_means, self.gate_labels))
-        if self.ranker is not None:
-            metrics.update(self.ranker(model))
         return metrics
