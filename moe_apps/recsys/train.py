@@ -5,6 +5,10 @@ resume, digest-checked checkpoints) plus, after training, ``test_metrics.json``,
 ``gates.png`` (mean gate weight per task and expert, for MMoE / PLE). The test part is evaluated
 once, with the best-validation weights. Scoring the test part of another split than the run's is
 refused when it shares ratings with the run's training part (`overlap_with_training`).
+Test metrics (and ``eval``) hold the per-task metrics and the full-ranking top-K ones
+(`moe_apps.recsys.ranking`: ``ndcg@10``, ``recall@10``, ... over every movie not rated in the
+training part, ranked by the run's `ranking_score`); the protocol's parts, validation included,
+come from `moe_apps.recsys.splits.protocol_parts`.
 """
 
 from __future__ import annotations
