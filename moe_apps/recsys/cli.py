@@ -41,9 +41,11 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Any:
     table.add_column("metric")
     for name in columns:
         table.add_column(name, justify="right")
-    keys = [k for k in next(iter(columns.values())) if not k.startswith("gate_")]
+    keys: list[str] = []  # every column's metrics (the test column adds the top-K ones)
+    for col in columns.values():
+        keys += [k for k in col if not k.startswith("gate_") and k not in keys]
     for key in keys:
-        table.add_row(key, *(f"{col.get(key, float('nan')):.4f}" for col in columns.values()))
+        table.add_row(key, *(f"{col[key]:.4f}" if key in col else "-" for col in columns.values()))
     return table
 
 
