@@ -177,8 +177,7 @@ def choose_kernel(
 
 class Kernel(Protocol):
     """The one signature of every kernel in `KERNELS`: `expert_ffn_combine`'s arguments, with
-    ``counts`` the host view of ``counts_E`` (read on first use) and ``weight_S`` in the rows'
-    dtype."""
+    ``counts`` the host view of ``counts_E`` (read on first use)."""
 
     def __call__(
         self, x_TD: Tensor, token_S: Tensor, weight_S: Tensor, counts_E: Tensor,
@@ -197,25 +196,25 @@ def _on_layout(layout, x_TD, w_in, w_out, b_in, b_out, activation, slot_KT) -> T
 def loop_kernel(x_TD, token_S, weight_S, counts_E, counts, w_in, w_out, b_in, b_out, activation, slot_KT):
     """``loop``: `moe_core.expert_loop`, one expert block at a time."""
     return expert_loop_ffn_combine(
-        x_TD, token_S, weight_S, list(counts), w_in, w_out, b_in, b_out, activation
+        x_TD, token_S, weight_S.to(x_TD.dtype), list(counts), w_in, w_out, b_in, b_out, activation
     )
 
 
 def padded_kernel(x_TD, token_S, weight_S, counts_E, counts, w_in, w_out, b_in, b_out, activation, slot_KT):
     """``padded``: rows padded to the largest count, one ``bmm`` per matrix."""
-    layout = _Padded(counts_E, token_S, weight_S, max(counts), x_TD.shape[0])
+    layout = _Padded(counts_E, token_S, weight_S.to(x_TD.dtype), max(counts), x_TD.shape[0])
     return _on_layout(layout, x_TD, w_in, w_out, b_in, b_out, activation, slot_KT)
 
 
 def bucketed_kernel(x_TD, token_S, weight_S, counts_E, counts, w_in, w_out, b_in, b_out, activation, slot_KT):
     """``bucketed``: the experts padded in the tiers of `tier_plan`, one ``bmm`` per tier."""
-    layout = _Bucketed(counts_E, token_S, weight_S, tier_plan(list(counts)), x_TD.shape[0])
+    layout = _Bucketed(counts_E, token_S, weight_S.to(x_TD.dtype), tier_plan(list(counts)), x_TD.shape[0])
     return _on_layout(layout, x_TD, w_in, w_out, b_in, b_out, activation, slot_KT)
 
 
 def grouped_kernel(x_TD, token_S, weight_S, counts_E, counts, w_in, w_out, b_in, b_out, activation, slot_KT):
     """``grouped``: ``torch._grouped_mm`` over the sorted rows; never reads ``counts``."""
-    layout = _Grouped(counts_E, token_S, weight_S)
+    layout = _Grouped(counts_E, token_S, weight_S.to(x_TD.dtype))
     return _on_layout(layout, x_TD, w_in, w_out, b_in, b_out, activation, slot_KT)
 
 
@@ -286,7 +285,8 @@ def expert_ffn_combine(
         counts.read()
     grouped_ok = grouped_mm_supported(x_TD, x_TD.shape[1], w_in.shape[2], w_out.shape[1], w_out.shape[2])
     name = choose_kernel(x_TD.device, x_TD.dtype, compiling, counts, grouped_ok=grouped_ok, method=method)
+    # no tensor op before the kernel: under torch.compile the eager kernel is then the frame's
+    # only break, with no graph before it
     return KERNELS[name](
-        x_TD, token_S, weight_S.to(x_TD.dtype), counts_E, counts, w_in, w_out, b_in, b_out,
-        activation, slot_KT,
+        x_TD, token_S, weight_S, counts_E, counts, w_in, w_out, b_in, b_out, activation, slot_KT
     )
