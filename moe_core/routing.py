@@ -27,9 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# re-exported only until the moe_apps configs import it from moe_core.checks
-from moe_core.checks import check_positive_int  # noqa: F401
-
 GATE_INIT_STD = 0.02
 """Std of the normal gate init of every router (`new_gate`): small, but no tied logits."""
 
