@@ -127,7 +127,6 @@ def grouped_mm_supported(x: Tensor, *widths: int) -> bool:
     return False
 
 
-
 def choose_kernel(
     device: torch.device | str,
     dtype: torch.dtype,
