@@ -19,6 +19,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -186,14 +187,23 @@ def _check(run_dir: Path, *, app: str, resume: bool, probe_lock: bool) -> RunInf
     return info
 
 
+STALE_TEMP = re.compile(r"\..+\.[0-9a-f]+\.tmp")  # `moe_apps.atomic`'s temp names: .<name>.<hex>.tmp
+
+
 def remove_stale_temp_files(run_dir: Path) -> list[Path]:
-    """Delete the ``.*.tmp`` files an interrupted atomic write left anywhere under ``run_dir``
-    (only call this while holding the folder: the holder is its only writer)."""
+    """Delete the ``.<name>.<hex>.tmp`` files an interrupted atomic write left in ``run_dir`` and its
+    subfolders (only call this while holding the folder: the holder is its only writer). A subfolder
+    that is a run folder of its own (it has a config.json or a .lock, e.g. ``--out runs`` above
+    other runs) is not entered: its temp files may belong to a live job."""
     removed = []
-    for path in sorted(run_dir.rglob(".*.tmp")):
-        if path.is_file():
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    for folder, subfolders, files in os.walk(run_dir):
+        subfolders[:] = sorted(d for d in subfolders
+                               if not any((Path(folder, d, n)).exists() for n in (CONFIG_NAME, LOCK_NAME)))
+        for name in sorted(files):
+            path = Path(folder, name)
+            if STALE_TEMP.fullmatch(name) and path.is_file() and not path.is_symlink():
+                path.unlink(missing_ok=True)
+                removed.append(path)
     return removed
 
 

@@ -338,3 +338,18 @@ def test_a_file_size_limit_is_one_line_naming_the_file(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "File too large" in lines[0] and str(out) in lines[0], done.stderr
     assert not out.exists() and not list(out.parent.glob(".*.tmp"))
+
+
+def test_stale_temp_cleanup_leaves_runs_below_the_folder_alone(tmp_path):
+    out = tmp_path / "runs"
+    with start_run(out / "other", app="demo", config={}, data_root=None):
+        pass
+    live = out / "other" / "checkpoints" / ".last.pt.0f0f1234.tmp"  # another job's write in progress
+    live.parent.mkdir()
+    live.write_bytes(b"")
+    mine = out / ".config.json.ab12cd34.tmp"
+    mine.write_bytes(b"")
+    kept = out / "notes.tmp"  # not a temp name of moe_apps.atomic
+    kept.write_bytes(b"")
+    with start_run(out, app="demo", config={}, data_root=None):
+        assert live.exists() and kept.exists() and not mine.exists()
