@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise RunError(f"checkpoint {path} does not exist")
     advice = "delete it and train again, or resume / evaluate from another checkpoint"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles on stderr, in several lines
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as error:
         raise RunError(f"checkpoint {path} cannot be read: {error.strerror or error}") from error
     except Exception as error:  # torch raises RuntimeError / EOFError / UnpicklingError here

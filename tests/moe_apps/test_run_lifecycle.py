@@ -353,3 +353,16 @@ def test_stale_temp_cleanup_leaves_runs_below_the_folder_alone(tmp_path):
     kept.write_bytes(b"")
     with start_run(out, app="demo", config={}, data_root=None):
         assert live.exists() and kept.exists() and not mine.exists()
+
+
+def test_a_foreign_pickle_is_one_line_without_torch_warnings(tmp_path):
+    import pickle
+    import warnings
+
+    path = tmp_path / "best.pt"
+    path.write_bytes(pickle.dumps({"format_version": 1, "model": object}, protocol=4))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(RunError, match=f"checkpoint {path} cannot be read"):
+            read_checkpoint(path)
+    assert [str(w.message) for w in seen] == []
