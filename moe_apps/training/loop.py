@@ -15,9 +15,10 @@ per-epoch weight snapshots for checkpoint averaging.
 Run folder (held by `moe_apps.training.run.start_run` while training): ``config.json`` (written
 by the app), ``metrics.jsonl`` (one line per epoch), ``checkpoints/last.pt`` (everything to
 resume, the weight average and the param groups' lrs included), ``checkpoints/best.pt`` (weights of
-the best epoch), ``checkpoints/epoch-NNNN.pt`` (the last ``snapshots`` epochs), ``curves.png``. Resume is exact: ``train_batches(epoch)`` must give the same batches in the
-same order for the same (seed, epoch), so the loop replays the epoch's iterator past the steps
-already done and restores the RNG, optimizer and scheduler states saved after the last of them.
+the best epoch), ``checkpoints/epoch-NNNN.pt`` (the last ``snapshots`` epochs), ``curves.png``.
+Resume is exact: ``train_batches(epoch)`` must give the same batches in the same order for the
+same (seed, epoch), so the loop replays the epoch's iterator past the steps already done and
+restores the RNG, optimizer and scheduler states saved after the last of them.
 """
 
 from __future__ import annotations
@@ -176,6 +177,11 @@ class _Trainer:
         for name, fields in state["routing"].items():
             self.run.routing[name] = StatsAccumulator()
             self.run.routing[name].load_state_dict(fields)
+        self.write_metrics()
+
+    def write_metrics(self) -> None:
+        """metrics.jsonl = one line per epoch of the history, written atomically (a full disk is
+        an OSError naming the file, and a kill never leaves half a line)."""
         lines = "".join(json.dumps(row) + "\n" for row in self.run.history)
         atomic_write(self.metrics_path, lambda f: f.write(lines.encode()))
 
@@ -268,9 +274,7 @@ class _Trainer:
                 old.unlink(missing_ok=True)
         run.stopped_early = config.patience is not None and run.bad_epochs >= config.patience
         self.save_last()
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        self.write_metrics()
         if time.perf_counter() - self.last_plot >= PLOT_EVERY_S:
             self.plot()
         shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
@@ -389,7 +393,7 @@ def fit(model: nn.Module, task: Task, train_batches: Callable[[int], Iterable[An
         trainer.restore(state)
         console.print(f"resumed {run_dir} at epoch {trainer.run.epoch + 1}, step {trainer.run.step_in_epoch}")
     else:
-        trainer.metrics_path.write_text("")
+        trainer.write_metrics()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"))
     with Progress(*columns, console=console, disable=not config.progress) as progress:
