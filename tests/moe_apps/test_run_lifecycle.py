@@ -187,6 +187,29 @@ def test_a_read_only_parent_is_one_line(tmp_path):
         parent.chmod(0o700)
 
 
+def test_a_read_only_parent_is_one_line_also_for_root(tmp_path, monkeypatch):
+    """As the test above, where root writes anyway: the permission answers are simulated."""
+    import errno
+
+    from moe_apps.training import run as run_module
+
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    monkeypatch.setattr(run_module.os, "access", lambda path, mode: Path(path) != parent)
+    with pytest.raises(RunError, match=f"cannot write the run folder {parent}/run: {parent} is not writable"):
+        check_run_folder(parent / "run", app="demo")
+    monkeypatch.undo()
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(RunError, match=f"^cannot create the run folder {parent}/run: Permission denied; "):
+        with start_run(parent / "run", app="demo", config={}, data_root=None):
+            pass
+    assert list(parent.iterdir()) == []
+
+
 # ----- apply_overrides ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Inner:
