@@ -93,7 +93,7 @@ def test_config_round_trip_and_presets() -> None:
     for name in PRESETS:
         config = get_preset(name)
         assert TranslationConfig.from_dict(config.to_dict()) == config
-    assert get_preset("compare").total_updates == 360
+    assert get_preset("compare").total_updates == 240
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("huge")
     with pytest.raises(ValueError, match="router must be"):
