@@ -213,6 +213,20 @@ def test_forced_methods_and_errors() -> None:
         choose_kernel("cpu", F32, False, UNEVEN, grouped_ok=True, method="fast")
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_counts_beyond_the_slots_are_refused_by_every_kernel(method, dtype) -> None:
+    """Eager on the CPU the counts are read and checked before any kernel runs, whichever it is."""
+    E, D, H, T = 4, 8, 16, 5
+    x_TD = torch.randn(T, D, dtype=dtype)
+    w_in, w_out = torch.randn(E, D, H, dtype=dtype), torch.randn(E, H, D, dtype=dtype)
+    if method == "grouped" and not grouped_mm_supported(x_TD, D, H):
+        pytest.skip("no grouped GEMM for this dtype here")
+    with pytest.raises(ValueError, match="counts_E sums to 12 but there are only 5 slots"):
+        expert_ffn_combine(x_TD, torch.arange(T), torch.ones(T), torch.tensor([3, 3, 3, 3]),
+                           w_in, w_out, None, None, "gelu", method)
+
+
 @pytest.fixture
 def kernels_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every kernel of `KERNELS` records its name when the dispatch calls it."""
