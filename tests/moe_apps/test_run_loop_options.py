@@ -286,3 +286,26 @@ def test_averages_cover_batchnorm_statistics_and_copy_integer_buffers():
     with average.applied(model):
         assert torch.equal(model.running_mean, average.state["running_mean"])
     assert torch.equal(model.running_mean, seen[-1]["running_mean"])  # restored after the block
+
+
+def test_a_full_disk_while_writing_metrics_names_the_file(tmp_path, monkeypatch):
+    """metrics.jsonl goes through moe_apps.atomic like every other file: a write error (here a full
+    disk, raised for that file only) names it."""
+    import errno
+
+    from moe_apps import atomic
+
+    real = atomic._create_temp
+
+    def full_disk(folder, prefix, suffix):
+        if prefix.startswith(".metrics.jsonl") and (folder / "checkpoints" / "last.pt").exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(folder, prefix, suffix)
+
+    monkeypatch.setattr(atomic, "_create_temp", full_disk)
+    train_batches, val_batches = P.batch_fns()
+    with pytest.raises(OSError) as caught:
+        fit(P.TinyMoE(), P.RegressionTask(), train_batches, val_batches,
+            P.resume_config(epochs=1, checkpoint_every=None), tmp_path,
+            app=P.APP, model_config=P.MODEL_CONFIG)
+    assert caught.value.filename == str(tmp_path / "metrics.jsonl")

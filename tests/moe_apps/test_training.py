@@ -409,24 +409,3 @@ def test_bad_inputs_to_fit_are_clear_errors(tmp_path):
         fit(P.TinyMoE(), P.RegressionTask(), lambda e: [], lambda: [], quiet(), tmp_path / "c",
             app="t", model_config={})
 
-
-def test_a_full_disk_while_writing_metrics_names_the_file(tmp_path, monkeypatch):
-    """metrics.jsonl goes through moe_apps.atomic like every other file: a write error (here a full
-    disk, raised for that file only) names it."""
-    import errno
-
-    from moe_apps import atomic
-
-    real = atomic._create_temp
-
-    def full_disk(folder, prefix, suffix):
-        if prefix.startswith(".metrics.jsonl") and (folder / "checkpoints" / "last.pt").exists():
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(folder, prefix, suffix)
-
-    monkeypatch.setattr(atomic, "_create_temp", full_disk)
-    train_batches, val_batches = P.batch_fns()
-    with pytest.raises(OSError) as caught:
-        fit(P.TinyMoE(), P.RegressionTask(), train_batches, val_batches, quiet(epochs=1), tmp_path,
-            app=P.APP, model_config=P.MODEL_CONFIG)
-    assert caught.value.filename == str(tmp_path / "metrics.jsonl")
