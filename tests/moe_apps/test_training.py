@@ -408,4 +408,3 @@ def test_bad_inputs_to_fit_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="gave no batches"):
         fit(P.TinyMoE(), P.RegressionTask(), lambda e: [], lambda: [], quiet(), tmp_path / "c",
             app="t", model_config={})
-
