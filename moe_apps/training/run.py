@@ -162,7 +162,8 @@ def _check_writable(run_dir: Path) -> None:
 def check_run_folder(out_dir: str | Path, *, app: str, resume: bool = False) -> RunInfo | None:
     """Every refusal `start_run` can make before it writes anything, without writing anything.
 
-    A fresh run: ``out_dir`` must not hold a run and must be creatable. ``resume``: ``out_dir`` must
+    A fresh run: ``out_dir`` must be creatable and hold no run, except a run of ``app`` that saved
+    no checkpoint (killed in its first epoch), which starts over. ``resume``: ``out_dir`` must
     hold a run of ``app`` with a checkpoints/last.pt; its `RunInfo` is returned (the saved config,
     to lay overrides on, and its data folder). Either way: RunError if another job holds it.
     Apps call this before loading data, so that a bad --out fails fast.
@@ -175,16 +176,28 @@ def _check(run_dir: Path, *, app: str, resume: bool, probe_lock: bool) -> RunInf
     if probe_lock and run_dir.is_dir():
         _check_free(run_dir)
     if not resume:
-        if run_dir.is_dir() and _has_run(run_dir):
+        if run_dir.is_dir() and _has_run(run_dir) and not _never_saved(run_dir, app):
             raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
         return None
     info = open_run(run_dir, app=app)
     if not (run_dir / "checkpoints" / "last.pt").is_file():
         raise RunError(
             f"{run_dir} has no checkpoints/last.pt to resume from (the run stopped before its first "
-            f"epoch ended); delete {run_dir} or choose another --out to start afresh"
+            f"epoch ended); train it again without --resume to start afresh there, or delete {run_dir}"
         )
     return info
+
+
+def _never_saved(run_dir: Path, app: str) -> bool:
+    """Whether ``run_dir`` holds a run of ``app`` that saved no checkpoint (killed or failed in its
+    first epoch): a fresh run may start over in it, as nothing of it would be lost."""
+    if any((run_dir / "checkpoints").glob("*.pt")):
+        return False
+    try:
+        open_run(run_dir, app=app)
+    except RunError:
+        return False
+    return True
 
 
 STALE_TEMP = re.compile(r"\..+\.[0-9a-f]+\.tmp")  # `moe_apps.atomic`'s temp names: .<name>.<hex>.tmp

@@ -45,6 +45,7 @@ def test_fresh_run_writes_config_and_refuses_a_second_fresh_run(tmp_path):
         assert info.run_dir == out and info.config == {"lr": 0.1} and info.data_root == Path("/data")
     saved = json.loads((out / "config.json").read_text())
     assert saved == {"app": "demo", "config": {"lr": 0.1}, "data_root": "/data", "format": 1}
+    save_checkpoint(out / "checkpoints" / "best.pt", {"model": {}})
     before = snapshot(out)
     with pytest.raises(RunError, match="already holds a run; pass --resume .* or choose another --out"):
         with start_run(out, app="demo", config={"lr": 0.2}, data_root=None):
@@ -52,12 +53,27 @@ def test_fresh_run_writes_config_and_refuses_a_second_fresh_run(tmp_path):
     assert snapshot(out) == before
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path):
+    """kill -9 in the first epoch leaves config.json and no checkpoint: the same train starts
+    again there (nothing is lost), where --resume says so; another app's such folder stays refused."""
+    out = tmp_path / "run"
+    with start_run(out, app="demo", config={"lr": 0.1}, data_root="/data"):
+        (out / "metrics.jsonl").write_text("")
+    with pytest.raises(RunError, match="no checkpoints/last.pt .*train it again without --resume"):
+        check_run_folder(out, app="demo", resume=True)
+    with start_run(out, app="demo", config={"lr": 0.2}, data_root=None) as info:
+        assert info.config == {"lr": 0.2}
+    assert json.loads((out / "config.json").read_text())["config"] == {"lr": 0.2}
+    with pytest.raises(RunError, match="already holds a run"):
+        check_run_folder(out, app="vision")
+
+
 def test_resume_keeps_or_replaces_the_config_and_needs_last_pt(tmp_path):
     out = tmp_path / "run"
     with start_run(out, app="demo", config={"epochs": 1}, data_root="/d"):
         pass
     before = snapshot(out)
-    with pytest.raises(RunError, match="no checkpoints/last.pt to resume from .*delete"):
+    with pytest.raises(RunError, match="no checkpoints/last.pt to resume from .*without --resume"):
         with start_run(out, app="demo", config=None, data_root=None, resume=True):
             pass
     assert snapshot(out) == before
