@@ -5,7 +5,6 @@ them on (tests/moe_apps/training_problem.py VARIANTS)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -15,23 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import training_problem as P
 from torch import Tensor, nn
+from training_problem import one_thread  # noqa: F401 (autouse: one torch thread per test)
 
 from moe_apps.training import TrainConfig, average_snapshots, fit, lr_factor, read_checkpoint
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-_spec = importlib.util.spec_from_file_location("training_problem", HERE / "training_problem.py")
-P = sys.modules.setdefault("training_problem", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(P)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----- schedules ------------------------------------------------------------------------------
@@ -241,9 +228,9 @@ def test_resume_after_sigkill_is_exact_with_the_loop_options(tmp_path, variant):
     reference = tmp_path / "reference"
     ref_model, ref_result = P.run(reference, P.RegressionTask(), variant=variant)
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(HERE / "training_problem.py"), str(killed), "9", variant],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(P.ROOT)}
+    done = subprocess.run([sys.executable, str(P.SCRIPT), str(killed), "9", variant],
+                          cwd=P.ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == -9, done.stderr  # killed at the start of step 10 (epoch 2, step 4)
     state = _state(killed / "checkpoints" / "last.pt")
     assert state["global_step"] == 9 and state["averaging"]["state"] is not None

@@ -4,7 +4,6 @@ refusals, exact resume after SIGKILL and after in-process crashes, bf16 on CPU."
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -12,11 +11,12 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
+import training_problem as P
 from torch import Tensor, nn
+from training_problem import one_thread  # noqa: F401 (autouse: one torch thread per test)
 
 from moe_apps.training import (
     TrainConfig,
@@ -26,21 +26,6 @@ from moe_apps.training import (
     load_checkpoint,
     lr_factor,
 )
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-_spec = importlib.util.spec_from_file_location("training_problem", HERE / "training_problem.py")
-P = sys.modules.setdefault("training_problem", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(P)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bitwise-reproducible CPU math: one thread, as in the SIGKILL subprocess."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quiet(**overrides) -> TrainConfig:
@@ -324,9 +309,9 @@ def assert_same_run(model, result, reference):
 
 
 def test_resume_after_sigkill_mid_epoch_is_exact(tmp_path, reference):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(HERE / "training_problem.py"), str(tmp_path), "8"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": str(P.ROOT)}
+    done = subprocess.run([sys.executable, str(P.SCRIPT), str(tmp_path), "8"],
+                          cwd=P.ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == -9, done.stderr  # killed at the start of step 9 (epoch 2, step 3)
     meta = load_checkpoint(tmp_path / "checkpoints" / "last.pt", P.TinyMoE(), app=P.APP)
     assert (meta["epoch"], meta["step_in_epoch"], meta["global_step"]) == (1, 2, 8)

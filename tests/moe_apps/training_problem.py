@@ -14,12 +14,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from torch import Tensor, nn
 
 from moe_apps.training import TrainConfig, fit
 from moe_core.diagnostics import RoutingStats
 
+SCRIPT = Path(__file__).resolve()
+ROOT = SCRIPT.parents[2]  # the repository (PYTHONPATH and cwd of the SIGKILL subprocesses)
 D_IN, NUM_EXAMPLES, BATCH = 4, 48, 8
 APP, MODEL_CONFIG = "synthetic", {"d_in": D_IN, "num_experts": 2, "hidden": 16}
 
@@ -157,6 +160,17 @@ def run(run_dir: Path, task: RegressionTask, *, resume: bool = False, model_seed
         result = fit(model, task, train_batches, val_batches, config or resume_config(**overrides),
                      info.run_dir, app=APP, model_config=MODEL_CONFIG, resume=resume, param_groups=groups)
     return model, result
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bitwise-reproducible CPU math: one thread, as in the SIGKILL subprocess (a test module
+    imports it to use it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
