@@ -181,10 +181,10 @@ def _check(run_dir: Path, *, app: str, resume: bool, probe_lock: bool) -> RunInf
         return None
     info = open_run(run_dir, app=app)
     if not (run_dir / "checkpoints" / "last.pt").is_file():
-        raise RunError(
-            f"{run_dir} has no checkpoints/last.pt to resume from (the run stopped before its first "
-            f"epoch ended); train it again without --resume to start afresh there, or delete {run_dir}"
-        )
+        fix = ("train it again without --resume to start afresh there, or delete it" if _never_saved(run_dir, app)
+               else "delete it or choose another --out to start afresh")
+        raise RunError(f"{run_dir} has no checkpoints/last.pt to resume from (the run stopped before its "
+                       f"first epoch ended, or last.pt was deleted); {fix}")
     return info
 
 

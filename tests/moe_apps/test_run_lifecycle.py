@@ -66,6 +66,11 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path):
     assert json.loads((out / "config.json").read_text())["config"] == {"lr": 0.2}
     with pytest.raises(RunError, match="already holds a run"):
         check_run_folder(out, app="vision")
+    save_checkpoint(out / "checkpoints" / "best.pt", {"model": {}})  # as when a full disk stops last.pt
+    with pytest.raises(RunError, match="no checkpoints/last.pt .*; delete it or choose another --out"):
+        check_run_folder(out, app="demo", resume=True)
+    with pytest.raises(RunError, match="already holds a run"):
+        check_run_folder(out, app="demo")
 
 
 def test_resume_keeps_or_replaces_the_config_and_needs_last_pt(tmp_path):
