@@ -7,7 +7,7 @@ SGD, the triangular schedule, BN biases in their own param group (64 x lr, 1/64 
 lookahead over the last 30% of the epochs (the loop's lookahead has a constant decay; airbench ramps
 its decay up with the cube of the progress, so it barely acts before the last third either).
 When the run trains on all 50,000 images (``validation=0``), the per-epoch metrics are measured
-on 5,000 of the training images (``seen_*``: no test image is used to pick anything).
+on 2,000 of the training images (``seen_*``: no test image is used to pick anything).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from moe_apps.atomic import atomic_write
 from moe_apps.datasets import resolve_data_root
 from moe_apps.training import TrainConfig, fit, load_checkpoint, set_seed
 from moe_apps.training.run import RunError, check_run_folder, open_run, start_run
-from moe_apps.vision.config import RecipeConfig, VisionConfig, with_overrides
+from moe_apps.vision.config import ModelConfig, RecipeConfig, VisionConfig, with_overrides
 from moe_apps.vision.data import Split, TrainBatches, VisionData, eval_batches, make_splits
 from moe_apps.vision.model import (
     NUM_CLASSES,
@@ -39,7 +39,7 @@ from moe_apps.vision.task import Predictions, VisionTask, predict
 
 APP = "vision"
 WHITENING_IMAGES = 5000
-SEEN_IMAGES = 5000
+SEEN_IMAGES = 2000
 RESUME_FREE = ("epochs", "device")
 CLASSES_FILE = "classes.json"
 
@@ -72,31 +72,56 @@ def train_config(config: VisionConfig, *, progress: bool, steps_per_epoch: int) 
         grad_clip=None, precision=r.precision, device=config.device, seed=config.seed,
         aux_loss_coefficients=coefficients,
         monitor="seen_accuracy" if seen else "accuracy", monitor_mode="max", patience=None,
-        checkpoint_every=max(1, steps_per_epoch // 4), log_every=10, progress=progress,
+        checkpoint_every=max(1, steps_per_epoch // 2), log_every=10, progress=progress,
         averaging="lookahead" if lookahead else "none", averaging_decay=r.lookahead_decay,
         averaging_every=max(1, r.lookahead_every),
         averaging_start_epoch=max(1, math.floor(0.7 * r.epochs) + 1),
     )
 
 
-def param_groups(recipe: RecipeConfig):
-    """Three groups: the weights (lr, L2 as configured; first, so the logged lr is theirs), BN
-    biases at ``bias_lr_scale`` x the lr and 1 / that of the L2 (airbench), and the router gates at
+def expert_lr_scale(model_config: ModelConfig) -> float:
+    """How much larger the lr of expert parameters is: E / k for moe (an expert's gradient comes
+    from about k / E of the batch while the loss is averaged over all of it, so plain SGD would
+    move it E / k times slower than the dense block), E for condconv (expert kernel e gets its
+    mixing weight, about 1 / E, of the kernel's gradient); 1 without experts."""
+    if model_config.model == "moe":
+        return model_config.num_experts / model_config.top_k
+    if model_config.model == "condconv":
+        return float(model_config.num_experts)
+    return 1.0
+
+
+def param_groups(recipe: RecipeConfig, expert_scale: float = 1.0):
+    """The weights (lr, L2 as configured; first, so the logged lr is theirs), BN biases at
+    ``bias_lr_scale`` x the lr and 1 / that of the L2 (airbench), the router gates at
     ``router_lr_scale`` x the lr (a gate on pooled features collapses onto one expert at the
-    backbone's lr)."""
+    backbone's lr), and expert weights / expert BN biases at ``expert_scale`` x those lrs (and
+    1 / that of the L2, so lr x L2 stays the same; `expert_lr_scale`)."""
 
     def groups(model: nn.Module) -> list[dict[str, Any]]:
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        norm_biases = [p for name, p in named if ".norm" in name and name.endswith("bias")]
-        routers = [p for name, p in named if ".router." in name]
-        chosen = {id(p) for p in norm_biases + routers}
-        weights = [p for _, p in named if id(p) not in chosen]
-        groups = [{"params": weights, "name": "weights"},
-                  {"params": norm_biases, "lr_scale": recipe.bias_lr_scale,
-                   "weight_decay": recipe.weight_decay / recipe.bias_lr_scale, "name": "norm_biases"}]
+        routers = [(n, p) for n, p in named if ".router." in n]
+        rest = [(n, p) for n, p in named if ".router." not in n]
+
+        def is_expert(name: str) -> bool:
+            return ".experts." in name or name.endswith("weight_EOI33")
+
+        def is_norm_bias(name: str) -> bool:
+            return ".norm" in name and name.endswith("bias")
+
+        wd, bias_scale = recipe.weight_decay, recipe.bias_lr_scale
+        specs = [("weights", False, False, 1.0), ("norm_biases", False, True, bias_scale),
+                 ("expert_weights", True, False, expert_scale),
+                 ("expert_norm_biases", True, True, bias_scale * expert_scale)]
+        groups = []
+        for name, expert, bias, scale in specs:
+            params = [p for n, p in rest if is_expert(n) == expert and is_norm_bias(n) == bias]
+            if params:
+                groups.append({"params": params, "lr_scale": scale, "weight_decay": wd / scale,
+                               "name": name})
         if routers:
-            groups.append({"params": routers, "lr_scale": recipe.router_lr_scale, "weight_decay": 0.0,
-                           "name": "routers"})
+            groups.append({"params": [p for _, p in routers], "lr_scale": recipe.router_lr_scale,
+                           "weight_decay": 0.0, "name": "routers"})
         return groups
 
     return groups
@@ -180,7 +205,7 @@ def train(config: VisionConfig | None, out_dir: str | Path, *, resume: bool = Fa
         started = time.perf_counter()
         result = fit(model, task, train_batches, lambda: val, loop_config, run.run_dir, app=APP,
                      model_config=model_config_dict(config), resume=resume, console=console,
-                     param_groups=param_groups(r))
+                     param_groups=param_groups(r, expert_lr_scale(config.model)))
         seconds = time.perf_counter() - started
         trained = sum(row.get("seconds", 0.0) for row in result.history)
         images = r.epochs * steps * r.batch_size

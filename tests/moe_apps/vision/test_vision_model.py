@@ -165,3 +165,30 @@ def test_other_models_train_and_learn(model_name: str, cifar_data, tmp_path) -> 
     config = with_overrides(get_preset("smoke"), model=model_name, epochs=2)
     outcome = train(config, tmp_path / model_name, data_dir=cifar_data, progress=False, evaluate=False)
     assert outcome.val_metrics["accuracy"] > 0.3  # 10 synthetic classes: chance is 0.1
+
+
+@pytest.mark.parametrize("model_name,scale", [("moe", 4.0), ("condconv", 4.0), ("dense", 1.0)])
+def test_param_groups_cover_every_parameter_once(model_name: str, scale: float) -> None:
+    from moe_apps.vision.train import expert_lr_scale, param_groups
+
+    config = ModelConfig(model=model_name, num_experts=4, top_k=1)
+    model = build_model(config)
+    assert expert_lr_scale(config) == scale
+    recipe = RecipeConfig()
+    groups = {g["name"]: g for g in param_groups(recipe, scale)(model)}
+    ids = [id(p) for g in groups.values() for p in g["params"]]
+    trainable = [id(p) for p in model.parameters() if p.requires_grad]
+    assert sorted(ids) == sorted(trainable)  # each trainable parameter in exactly one group
+    assert groups["norm_biases"]["lr_scale"] == recipe.bias_lr_scale
+    for g in groups.values():  # lr x L2 the same in every group but the routers
+        if g["name"] != "routers":
+            assert g["lr_scale"] * g["weight_decay"] == pytest.approx(recipe.weight_decay)
+    if model_name == "dense":
+        assert set(groups) == {"weights", "norm_biases"}
+    else:
+        assert groups["expert_weights"]["lr_scale"] == scale and groups["routers"]["lr_scale"] == recipe.router_lr_scale
+    if model_name == "moe":
+        assert groups["expert_norm_biases"]["lr_scale"] == recipe.bias_lr_scale * scale
+        expert_param = model.groups[2].moe.experts.experts[3].conv1.weight
+        assert any(p is expert_param for p in groups["expert_weights"]["params"])
+    assert expert_lr_scale(ModelConfig(model="moe", num_experts=8, top_k=2)) == 4.0
