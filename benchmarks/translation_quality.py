@@ -9,6 +9,11 @@ search over the whole split, batches sorted by length). Prints a table (``--json
 
     python benchmarks/translation_quality.py --preset compare --models moe dense --out runs/translation-bench
     python benchmarks/translation_quality.py --preset compare --direction en-de
+    python benchmarks/translation_quality.py --step-time --rounds 8   # seconds per update only
+
+``--step-time`` times training updates (forward, backward, AdamW step; bf16 autocast; the preset's
+token batches of the real training split) of moe and dense interleaved in one process: median
+seconds per update and target tokens/s, what the presets' update counts are sized from.
 """
 
 from __future__ import annotations
@@ -49,6 +54,60 @@ def run_one(model: str, args: argparse.Namespace, out: Path) -> dict:
     }
 
 
+def step_times(args: argparse.Namespace) -> list[dict]:
+    """Median seconds per training update of each model (interleaved rounds, 2 warm-up updates)."""
+    import statistics
+
+    import torch
+
+    from moe_apps.datasets import load_multi30k
+    from moe_apps.training.run import apply_overrides
+    from moe_apps.translation.config import get_preset
+    from moe_apps.translation.data import EncodedPairs, TrainStream
+    from moe_apps.translation.model import build_model, count_parameters
+    from moe_apps.translation.task import TranslationTask
+    from moe_apps.translation.vocab import train_vocab
+    from moe_core import collect_aux_losses, weighted_aux_loss
+
+    base = apply_overrides(get_preset(args.preset), {"data.direction": args.direction})
+    pairs = load_multi30k(args.data_dir, ["train"])["train"]
+    source, target = base.data.languages
+    src, tgt = getattr(pairs, source), getattr(pairs, target)
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab = train_vocab(src + tgt, base.model.vocab_size, Path(scratch) / "spm.model")
+    encoded = EncodedPairs(vocab.encode(src), vocab.encode(tgt)).filtered(base.model.max_source_tokens)
+    stream = TrainStream(encoded, base.data.batch_tokens, args.rounds + 2, 0)
+    batches = list(stream(0))
+    runs = {}
+    for model in args.models:
+        config = apply_overrides(base, {"model.model": model})
+        torch.manual_seed(0)
+        net = build_model(config.model).train()
+        runs[model] = (net, torch.optim.AdamW(net.parameters(), lr=1e-4), TranslationTask(config.label_smoothing),
+                       count_parameters(net)["total"], [])
+    coefficients = dict(base.train.aux_loss_coefficients)
+    for index, batch in enumerate(batches):
+        for net, optimizer, task, _, times in runs.values():
+            started = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = task.training_loss(net, batch)
+                aux = collect_aux_losses(net)
+                loss = loss + weighted_aux_loss(aux, coefficients) if aux else loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if index >= 2:
+                times.append((time.perf_counter() - started, batch.target_tokens))
+    rows = []
+    for model, (_, _, _, parameters, times) in runs.items():
+        seconds = statistics.median(t for t, _ in times)
+        rows.append({"model": model, "updates_timed": len(times), "seconds_per_update": seconds,
+                     "target_tokens_per_s": sum(n for _, n in times) / sum(t for t, _ in times),
+                     "batch_tokens": base.data.batch_tokens, "parameters": parameters,
+                     "threads": torch.get_num_threads()})
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     columns = [("model", "{}"), ("direction", "{}"), ("updates", "{}"), ("bleu", "{:.2f}"),
                ("chrf", "{:.2f}"), ("bleu_lowercase", "{:.2f}"), ("length_ratio", "{:.3f}"),
@@ -73,8 +132,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=None, help="Folder for the run folders (default: a temp dir).")
+    parser.add_argument("--step-time", action="store_true", help="Only time training updates (see above).")
+    parser.add_argument("--rounds", type=int, default=8, help="Timed updates per model with --step-time.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.step_time:
+        rows = step_times(args)
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            for row in rows:
+                print(f"{row['model']:>5}  {row['seconds_per_update']:.2f} s/update  "
+                      f"{row['target_tokens_per_s']:.0f} target tokens/s  {row['parameters']:,} parameters  "
+                      f"({row['updates_timed']} updates of <= {row['batch_tokens']} tokens, {row['threads']} threads)")
+        return
     with tempfile.TemporaryDirectory() as scratch:
         base = args.out if args.out is not None else Path(scratch)
         rows = []
