@@ -139,7 +139,8 @@ def load_full_optimizer_state_dict(
         if layer is not None:
             key = f"optimizer state of expert parameter {int(index)}"
             entry = {
-                k: _cut(v, layer, key, param.shape, where) if isinstance(v, Tensor) and v.dim() else v
+                k: _cut(v, layer, key, param.shape, where)
+                if isinstance(v, Tensor) and v.dim() == param.dim() and v.shape[1:] == param.shape[1:] else v
                 for k, v in entry.items()
             }
         state[index] = entry
