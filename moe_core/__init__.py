@@ -2,11 +2,14 @@
 
 Routers return a `Routing`; experts compute slots grouped by expert; `MoE` wires router + experts (+
 shared experts) through the sorted dispatch and returns a `MoEOutput` with aux losses and routing
-stats. Multi-gate layers (MMoE, PLE) and Soft-MoE sit beside it. See docs/ARCHITECTURE.md.
+stats. Multi-gate layers (MMoE, PLE) and Soft-MoE sit beside it; `ExpertParallelMoE` splits a layer's
+experts over a torch.distributed group. See docs/ARCHITECTURE.md.
 """
 
 from moe_core.diagnostics import RoutingStats, StatsAccumulator, routing_stats
 from moe_core.expert_choice import ExpertChoiceRouter
+from moe_core.expert_parallel import ExpertParallelMoE, to_expert_parallel
+from moe_core.expert_parallel_state import full_state_dict, load_full_state_dict
 from moe_core.experts import EXPERTS, FFN, ConvExperts, ExpertBank, ModuleExperts
 from moe_core.layer import MoE, MoEOutput, MoETensor
 from moe_core.losses import (
@@ -41,6 +44,7 @@ __all__ = [
     "ConvExperts",
     "ExpertBank",
     "ExpertChoiceRouter",
+    "ExpertParallelMoE",
     "GumbelRouter",
     "HashRouter",
     "HierarchicalRouter",
@@ -57,9 +61,12 @@ __all__ = [
     "SwitchRouter",
     "TopKRouter",
     "collect_aux_losses",
+    "full_state_dict",
     "importance_loss",
     "load_balancing_loss",
+    "load_full_state_dict",
     "routing_stats",
     "router_z_loss",
+    "to_expert_parallel",
     "weighted_aux_loss",
 ]
