@@ -200,9 +200,12 @@ def loop_kernel(x_TD, token_S, weight_S, counts_E, counts, w_in, w_out, b_in, b_
 
 
 def padded_kernel(x_TD, token_S, weight_S, counts_E, counts, w_in, w_out, b_in, b_out, activation, slot_KT):
-    """``padded``: rows padded to the largest count, one ``bmm`` per matrix."""
+    """``padded``: rows padded to the largest count, one ``bmm`` per matrix. Like the other kernels
+    (whose ``out=`` GEMMs autocast does not reach) it computes in the dtype of its inputs, so
+    autocast is off inside it (its first ``bmm`` alone would otherwise turn 16-bit)."""
     layout = _Padded(counts_E, token_S, weight_S.to(x_TD.dtype), max(counts), x_TD.shape[0])
-    return _on_layout(layout, x_TD, w_in, w_out, b_in, b_out, activation, slot_KT)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return _on_layout(layout, x_TD, w_in, w_out, b_in, b_out, activation, slot_KT)
 
 
 def bucketed_kernel(x_TD, token_S, weight_S, counts_E, counts, w_in, w_out, b_in, b_out, activation, slot_KT):

@@ -286,3 +286,23 @@ def test_auto_on_cpu_loops_over_uneven_blocks_and_batches_expert_choice(
     MoE(TopKRouter(16, 8, top_k=2), ExpertBank(8, 16, 32))(x).output.sum().backward()
     MoE(ExpertChoiceRouter(16, 8, capacity_factor=1.0), ExpertBank(8, 16, 32))(x).output.sum().backward()
     assert kernels_used == ["loop", "padded"]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "loop"])
+def test_every_kernel_runs_under_cpu_bf16_autocast(method: str) -> None:
+    """Under bf16 autocast (how the apps train on the CPU) every kernel computes in its inputs'
+    dtype, so outputs and gradients equal the ``loop`` kernel's (itself checked against a per-slot
+    loop above). ``padded`` used to fail there: its first ``bmm`` turned 16-bit under autocast and
+    the ``out=`` GEMM after it refused the mix."""
+
+    def run(kernel: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        layer = MoE(router=TopKRouter(32, 4, top_k=2), experts=ExpertBank(4, 32, 64, method=kernel))
+        x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x).output
+        y.float().pow(2).sum().backward()
+        return [y.float(), x.grad, layer.experts.w_in.grad, layer.experts.w_out.grad]
+
+    for got, want in zip(run(method), run("loop"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
