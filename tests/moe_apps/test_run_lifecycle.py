@@ -10,13 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 import typer
+from run_faults import alter_tensor_bytes
 from typer.testing import CliRunner
 
 from moe_apps.training.checkpoint import read_checkpoint, save_checkpoint
@@ -113,7 +113,7 @@ def test_resume_refuses_a_corrupted_last_pt_before_touching_config_json(tmp_path
     out = tmp_path / "run"
     with start_run(out, app="demo", config={"epochs": 1}, data_root=None):
         save_checkpoint(out / "checkpoints" / "last.pt", {"model": {"w": torch.arange(64.0)}})
-    _alter_tensor_bytes(out / "checkpoints" / "last.pt")
+    alter_tensor_bytes(out / "checkpoints" / "last.pt")
     before = snapshot(out)
     with pytest.raises(RunError, match="last.pt fails its integrity check"):
         with start_run(out, app="demo", config={"epochs": 5}, data_root=None, resume=True):
@@ -265,16 +265,6 @@ def test_apply_overrides_nested_skips_none_and_validates():
 
 
 # ----- checkpoints: digest and loader errors -----------------------------------------------------
-def _alter_tensor_bytes(path: Path) -> None:
-    """Overwrite 4 bytes in the middle of the largest tensor record of a torch zip checkpoint
-    (the zip stays valid: torch does not check the records' CRC)."""
-    with zipfile.ZipFile(path) as archive:
-        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    with open(path, "r+b") as f:
-        f.seek(info.header_offset + 26)
-        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
-        f.seek(info.header_offset + 30 + name_len + extra_len + info.file_size // 2)
-        f.write(b"\x13\x37\xbe\xef")
 
 
 def test_a_checkpoint_with_altered_bytes_fails_its_integrity_check(tmp_path):
@@ -282,7 +272,7 @@ def test_a_checkpoint_with_altered_bytes_fails_its_integrity_check(tmp_path):
     weights = {"w": torch.arange(64, dtype=torch.float32)}
     save_checkpoint(path, {"model": weights, "epoch": 1})
     assert torch.equal(read_checkpoint(path)["model"]["w"], weights["w"])
-    _alter_tensor_bytes(path)
+    alter_tensor_bytes(path)
     loaded = torch.load(path, weights_only=True)  # torch alone loads the altered tensor silently
     assert not torch.equal(loaded["model"]["w"], weights["w"])
     with pytest.raises(RunError, match=f"checkpoint {path} fails its integrity check"):

@@ -11,11 +11,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 from recsys_synthetic import write_random_ml100k
+from run_faults import alter_tensor_bytes
 from typer.testing import CliRunner
 
 from moe_apps.cli import app
@@ -98,15 +98,6 @@ def test_a_second_train_is_refused_and_a_kill_9_holder_does_not_block(run_copy: 
 
 
 # 2. checkpoints with altered bytes --------------------------------------------------------------
-def alter_tensor_bytes(path: Path) -> None:
-    """Overwrite 4 bytes in the middle of the largest tensor record (the zip stays loadable)."""
-    with zipfile.ZipFile(path) as archive:
-        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    with open(path, "r+b") as f:
-        f.seek(info.header_offset + 26)
-        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
-        f.seek(info.header_offset + 30 + name_len + extra_len + info.file_size // 2)
-        f.write(b"\x13\x37\xbe\xef")
 
 
 def test_altered_checkpoints_are_refused_by_eval_recommend_and_resume(run_copy: Path, data_root: Path) -> None:

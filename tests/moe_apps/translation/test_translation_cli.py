@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
+from run_faults import assert_kill_then_resume_is_exact
 from typer.testing import CliRunner
 
 from moe_apps.cli import app
@@ -134,32 +130,11 @@ def _train_cmd(out: Path, data: Path, *extra: str) -> list[str]:
             str(out), "--data-dir", str(data), "--no-progress", "--epochs", "3", *extra]
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
-
-
 def test_kill_then_resume_gives_identical_weights(multi30k_root: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole = tmp_path / "whole"
-    subprocess.run(_train_cmd(whole, multi30k_root), env=env, check=True, capture_output=True, timeout=300)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(killed, multi30k_root), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    last = killed / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 240
-    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state = torch.load(last, weights_only=True)
-    assert state["global_step"] < 12, "the run ended before it was killed"
-    resumed = subprocess.run(_train_cmd(killed, multi30k_root, "--resume"), env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = _weights(whole), _weights(killed)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    def train_cmd(out: Path, *extra: str) -> list[str]:
+        return _train_cmd(out, multi30k_root, *extra)
+
+    whole, killed = assert_kill_then_resume_is_exact(train_cmd, tmp_path)
     assert (killed / "spm.model").read_bytes() == (whole / "spm.model").read_bytes()
 
 

@@ -5,16 +5,12 @@ same weights as an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
+from run_faults import assert_kill_then_resume_is_exact
 from typer.testing import CliRunner
 
 from moe_apps.cli import app
@@ -112,29 +108,5 @@ def _train_cmd(out: Path, data: Path, *extra: str) -> list[str]:
             "--data-dir", str(data), "--no-progress", *extra]
 
 
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
-
-
 def test_kill_then_resume_gives_identical_weights(cifar_data: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    whole = tmp_path / "whole"
-    subprocess.run(_train_cmd(whole, cifar_data), env=env, check=True, capture_output=True, timeout=300)
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(killed, cifar_data), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    last = killed / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 240
-    while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    state = torch.load(last, weights_only=True)
-    assert state["global_step"] < 12, "the run ended before it was killed"
-    resumed = subprocess.run(_train_cmd(killed, cifar_data, "--resume"), env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = _weights(whole), _weights(killed)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_kill_then_resume_is_exact(lambda out, *extra: _train_cmd(out, cifar_data, *extra), tmp_path)
