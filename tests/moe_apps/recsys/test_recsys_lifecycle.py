@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from recsys_synthetic import write_random_ml100k
 from run_faults import alter_tensor_bytes
 from typer.testing import CliRunner
 
@@ -22,22 +21,6 @@ from moe_apps.cli import app
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("recsys-data")
-    write_random_ml100k(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "run"
-    result = runner.invoke(app, ["recsys", "train", "--preset", "tiny", "--data-dir", str(data_root),
-                                 "--out", str(out), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from recsys_synthetic import write_random_ml100k
 from typer.testing import CliRunner
 
 from moe_apps.cli import app
@@ -20,13 +19,6 @@ def one_line_error(result, needle: str) -> None:
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.output
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("recsys-rank-data")
-    write_random_ml100k(root)
-    return root
 
 
 @pytest.fixture(scope="module")
