@@ -41,7 +41,7 @@ class ModelConfig:
         expert_stages: which conv groups (0, 1, 2) hold experts (moe, condconv); for dense and
             dense-wide these are the groups whose width is solved for.
         num_experts: E.
-        top_k: experts per image (moe).
+        top_k: experts per image (moe; checked to be in 1..E for every model).
         bn_momentum: airbench's 0.6 = weight of the old running statistic.
     """
 
@@ -67,11 +67,12 @@ class ModelConfig:
         for stage in self.expert_stages:
             _int(stage, "every expert stage", 0, STAGES - 1)
         _int(self.num_experts, "num_experts (--num-experts)", 1)
-        if self.model in ("moe", "dense", "dense-wide"):  # dense variants are solved against moe
-            _int(self.top_k, "top_k (--top-k)", 1)
-            if self.top_k > self.num_experts:
-                raise ValueError(f"top_k (--top-k) = {self.top_k} cannot exceed num_experts "
-                                 f"(--num-experts) = {self.num_experts}; lower --top-k or add experts")
+        # every model: dense variants are solved against moe, and condconv (which mixes all E
+        # kernels) must not take an impossible --top-k in silence
+        _int(self.top_k, "top_k (--top-k)", 1)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k (--top-k) = {self.top_k} cannot exceed num_experts "
+                             f"(--num-experts) = {self.num_experts}; lower --top-k or add experts")
         if not 0 <= self.bn_momentum < 1:
             raise ValueError(f"bn_momentum must be in [0, 1), got {self.bn_momentum!r}")
         _int(self.whitening_width, "whitening_width", 2)

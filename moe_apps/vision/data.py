@@ -146,14 +146,28 @@ def eval_batches(split: Split, batch_size: int) -> list[VisionBatch]:
             for i in range(0, len(split), batch_size)]
 
 
+GREY_16_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # Pillow's modes of a 16-bit grey PNG
+
+
+def _rgb_array(image):
+    """``(H, W, 3)`` uint8 RGB of a decoded Pillow image. 16-bit grey is scaled to 8 bits
+    (v / 257): Pillow's own convert("RGB") clips it at 255, which turns mid-grey white."""
+    import numpy as np
+
+    if image.mode in GREY_16_BIT:
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
 def load_image(path: str | Path) -> Tensor:
     """A PNG / JPEG file of any size and mode as a uint8 ``(3, 32, 32)`` RGB tensor, as the model
-    sees CIFAR-10: decoded with Pillow and converted to RGB (grayscale replicated, alpha dropped,
-    palettes expanded), the shorter side resized to 32 pixels (bilinear, antialiased, torchvision
-    v2), then the centre 32 x 32 cropped. ValueError naming the file for a missing, unreadable,
-    truncated or non-image file."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    sees CIFAR-10: decoded with Pillow, turned upright by its EXIF orientation tag (phone photos),
+    converted to RGB (grayscale replicated, 16-bit levels scaled to 8 bits, alpha dropped, palettes
+    expanded), the shorter side resized to 32 pixels (bilinear, antialiased, torchvision v2), then
+    the centre 32 x 32 cropped. ValueError naming the file for a missing, unreadable, truncated or
+    non-image file, or one over Pillow's decompression-bomb limit of pixels."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
     from torchvision.transforms.v2 import functional as TF
 
     path = Path(path)
@@ -166,7 +180,10 @@ def load_image(path: str | Path) -> Tensor:
             if opened.format not in ("PNG", "JPEG"):
                 raise ValueError(f"{path}: a {opened.format} image; give a PNG or JPEG file")
             opened.load()  # decodes now: a truncated file fails here
-            rgb = np.asarray(opened.convert("RGB"))
+            rgb = _rgb_array(ImageOps.exif_transpose(opened))
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"{path}: too large to decode safely ({' '.join(str(error).split())}); "
+                         "downscale it first") from error
     except UnidentifiedImageError as error:
         raise ValueError(f"{path}: not a PNG/JPEG image (Pillow cannot identify it)") from error
     except (OSError, SyntaxError) as error:  # Pillow: truncated or corrupt data

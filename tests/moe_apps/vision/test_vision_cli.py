@@ -71,8 +71,25 @@ def test_predict_good_and_bad_files(trained: Path, tmp_path: Path) -> None:
     assert "Traceback" not in mixed.output
 
 
+def test_predict_goes_on_past_an_image_too_large_to_decode(trained: Path, tmp_path: Path) -> None:
+    """Pillow's decompression-bomb refusal is one error line like any bad file, not a traceback
+    that stops the files after it."""
+    from test_vision_data import png_bytes
+
+    (tmp_path / "huge.png").write_bytes(png_bytes(20000, 20000, 8, 0, []))
+    Image.new("RGB", (40, 40), (0, 0, 200)).save(tmp_path / "blue.png")
+    result = runner.invoke(app, ["vision", "predict", str(trained), str(tmp_path / "huge.png"),
+                                 str(tmp_path / "blue.png"), "--json"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert [p["file"] for p in json.loads(result.stdout)["predictions"]] == [str(tmp_path / "blue.png")]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "huge.png" in errors[0] and "too large" in errors[0]
+
+
 @pytest.mark.parametrize("args,code,message", [
     (["--num-experts", "4", "--top-k", "5"], 1, "top_k"),
+    (["--model", "condconv", "--num-experts", "4", "--top-k", "5"], 1, "top_k"),
+    (["--model", "condconv", "--top-k", "0"], 1, "top_k"),
     (["--num-experts", "0"], 1, "num_experts"),
     (["--epochs", "0"], 2, "epochs"),
     (["--model", "resnet"], 1, "model must be"),

@@ -3,6 +3,8 @@ deterministic epochs, the validation split, and image files of every mode (and b
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +110,52 @@ def test_bad_image_files_name_the_file(tmp_path: Path) -> None:
         assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="not a file"):
         load_image(tmp_path)
+
+
+def png_bytes(width: int, height: int, bit_depth: int, colour_type: int, rows: list[bytes]) -> bytes:
+    """A PNG written by hand (any header, even one Pillow would not write)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    raw = b"".join(b"\x00" + row for row in rows)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    """Pillow opens a 16-bit grey PNG as mode I;16 and its convert("RGB") clips at 255: mid-grey
+    would turn white. Levels are scaled to 8 bits (v / 257) instead."""
+    levels = np.linspace(0, 65535, 64).astype(np.uint16)
+    Image.fromarray(np.tile(levels, (64, 1))).save(tmp_path / "ramp16.png")
+    with Image.open(tmp_path / "ramp16.png") as opened:
+        assert opened.mode.startswith("I")
+    image = load_image(tmp_path / "ramp16.png")
+    want = np.rint(levels[::2].astype(np.float64) / 257)  # 64 -> 32 columns
+    np.testing.assert_allclose(image[0, 16].numpy(), want, atol=6)  # bilinear resize
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+    rgb16 = np.zeros((8, 8, 3), dtype=">u2")
+    rgb16[..., 0] = 30000  # 16-bit RGB: Pillow reduces it to 8 bits itself
+    (tmp_path / "rgb16.png").write_bytes(png_bytes(8, 8, 16, 2, [r.tobytes() for r in rgb16]))
+    assert abs(float(load_image(tmp_path / "rgb16.png")[0].float().mean()) - 30000 / 257) < 2
+
+
+def test_jpeg_orientation_tag_is_applied(tmp_path: Path) -> None:
+    """A phone photo stored sideways with EXIF orientation 6 (shown turned 90 degrees clockwise)
+    is predicted the way it is shown."""
+    stored = np.zeros((32, 64, 3), dtype=np.uint8)
+    stored[:, :32] = 255  # stored: the left half white, so shown: the top half white
+    picture = Image.fromarray(stored)
+    exif = picture.getexif()
+    exif[0x0112] = 6
+    picture.save(tmp_path / "phone.jpg", exif=exif)
+    image = load_image(tmp_path / "phone.jpg").float()
+    assert image[:, :14].mean() > 240 and image[:, 18:].mean() < 15  # shown 32 x 64: top white
+
+
+def test_an_image_too_large_to_decode_names_the_file(tmp_path: Path) -> None:
+    """A header claiming 20,000 x 20,000 pixels: Pillow's decompression-bomb refusal becomes the
+    one-line ValueError naming the file (not an uncaught exception that stops the other files)."""
+    (tmp_path / "huge.png").write_bytes(png_bytes(20000, 20000, 8, 0, []))
+    with pytest.raises(ValueError, match="huge.png") as info:
+        load_image(tmp_path / "huge.png")
+    assert "\n" not in str(info.value) and "too large" in str(info.value)

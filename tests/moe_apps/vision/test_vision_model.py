@@ -132,6 +132,7 @@ def test_whitening_decorrelates_patches() -> None:
     (dict(top_k=5, num_experts=4), "top_k"),
     (dict(num_experts=0), "num_experts"),
     (dict(top_k=0), "top_k"),
+    (dict(model="condconv", top_k=5, num_experts=4), "top_k"),  # condconv mixes all E, yet k > E is no config
     (dict(expert_stages=(3,)), "expert stage"),
     (dict(model="mlp"), "model must be"),
 ])
