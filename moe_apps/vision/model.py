@@ -36,7 +36,8 @@ IMAGE_SIZE = 32
 @dataclass(frozen=True)
 class VisionOutput:
     """What a vision model returns: ``logits_BC`` and, per expert stage name, ``expert_BK`` (the
-    experts each image went to; empty for models without routing)."""
+    experts each image went to; for condconv, per conv ``stage{s}.conv{1,2}``, the kernel with
+    the largest mixing weight; empty for dense models)."""
 
     logits_BC: Tensor
     experts: dict[str, Tensor]
@@ -129,24 +130,33 @@ class CondConv2d(nn.Module):
         self.weight_EOI33 = nn.Parameter(weight)
 
     def forward(self, x_BCHW: Tensor) -> Tensor:
+        return self.forward_with_weights(x_BCHW)[0]
+
+    def forward_with_weights(self, x_BCHW: Tensor) -> tuple[Tensor, Tensor]:
+        """``(y_BOHW, probs_BE)``: the output and each image's mixing weights."""
         B, _, H, W = x_BCHW.shape
         probs_BE = self.router(x_BCHW.float().mean(dim=(-2, -1))).probs_TE
         kernel = torch.einsum("be,eoikl->boikl", probs_BE.to(self.weight_EOI33.dtype), self.weight_EOI33)
         y = F.conv2d(x_BCHW.reshape(1, B * self.c_in, H, W),
                      kernel.reshape(B * self.c_out, self.c_in, 3, 3).to(x_BCHW.dtype), padding=1, groups=B)
-        return y.reshape(B, self.c_out, H, W)
+        return y.reshape(B, self.c_out, H, W), probs_BE
 
 
 class CondConvGroup(ConvGroup):
-    """A `ConvGroup` whose two convolutions are `CondConv2d` (the norms stay shared)."""
+    """A `ConvGroup` whose two convolutions are `CondConv2d` (the norms stay shared). Returns
+    ``(output, {"conv1": kernel_B1, "conv2": kernel_B1})``: per conv, the kernel with the largest
+    mixing weight of each image (what eval's expert-use heatmap counts)."""
 
     def __init__(self, c_in: int, c_out: int, num_experts: int, bn_momentum: float) -> None:
         super().__init__(c_in, c_out, bn_momentum)
         self.conv1, self.conv2 = CondConv2d(c_in, c_out, num_experts), CondConv2d(c_out, c_out, num_experts)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x.contiguous()), 2)))
-        return F.gelu(self.norm2(self.conv2(x)))
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        y, probs1_BE = self.conv1.forward_with_weights(x.contiguous())
+        x = F.gelu(self.norm1(F.max_pool2d(y, 2)))
+        y, probs2_BE = self.conv2.forward_with_weights(x)
+        chosen = {"conv1": probs1_BE.argmax(-1, keepdim=True), "conv2": probs2_BE.argmax(-1, keepdim=True)}
+        return F.gelu(self.norm2(y)), chosen
 
 
 class PatchWhitening(nn.Module):
@@ -221,6 +231,9 @@ class VisionNet(nn.Module):
         for stage, group in enumerate(self.groups):
             if isinstance(group, ExpertStage):
                 x, experts[f"stage{stage}"] = group(x)
+            elif isinstance(group, CondConvGroup):
+                x, chosen = group(x)
+                experts.update({f"stage{stage}.{conv}": kernel_B1 for conv, kernel_B1 in chosen.items()})
             else:
                 x = group(x)
         x = F.adaptive_max_pool2d(x, 1).flatten(1)

@@ -1,7 +1,7 @@
 """The pictures `moe-apps vision eval` leaves in the run folder (matplotlib, Agg canvas, written
 atomically): ``confusion.png`` (test confusion matrix, row-normalised), ``experts_by_class.png``
-(for routed models: the fraction of each class's test images that each expert of each expert stage
-received) and ``confident_errors.png`` (the test images the model got wrong with the highest
+(for moe: the fraction of each class's test images that each expert of each expert stage
+received; for condconv: on which kernel of each conv their largest mixing weight fell) and ``confident_errors.png`` (the test images the model got wrong with the highest
 probability on the wrong class, with true / predicted labels).
 """
 

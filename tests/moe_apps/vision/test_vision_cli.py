@@ -51,6 +51,22 @@ def test_eval_json_and_plots(trained: Path, cifar_data: Path) -> None:
     assert plain.exit_code == 0 and "no TTA" in plain.output
 
 
+def test_condconv_eval_plots_which_kernels_each_class_uses(cifar_data: Path, tmp_path: Path) -> None:
+    """condconv mixes every kernel; its heatmap counts the kernel with the largest mixing weight
+    of each image, per conv of its expert stage (as moe counts its top-1 expert)."""
+    out = tmp_path / "condconv"
+    trained = runner.invoke(app, ["vision", "train", "--preset", "smoke", "--model", "condconv", "--epochs", "1",
+                                  "--data-dir", str(cifar_data), "--out", str(out), "--no-progress"])
+    assert trained.exit_code == 0, trained.output
+    result = runner.invoke(app, ["vision", "eval", str(out), "--json", "--no-tta", "--data-dir", str(cifar_data)])
+    assert result.exit_code == 0, result.output
+    fractions = json.loads(result.output)["expert_fraction_by_class"]
+    assert set(fractions) == {"stage2.conv1", "stage2.conv2"}
+    for rows in fractions.values():
+        assert len(rows) == 10 and all(len(row) == 4 and abs(sum(row) - 1) < 1e-6 for row in rows)
+    assert (out / "experts_by_class.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_predict_good_and_bad_files(trained: Path, tmp_path: Path) -> None:
     Image.new("L", (45, 80), 128).save(tmp_path / "grey.png")
     Image.new("RGBA", (64, 64), (10, 200, 10, 128)).save(tmp_path / "alpha.png")

@@ -101,15 +101,39 @@ def test_the_router_learns_from_the_task_loss_with_top1() -> None:
     assert gate.grad is not None and gate.grad.abs().sum() > 0
 
 
-def test_condconv_matches_a_per_image_reference() -> None:
+def test_condconv_matches_a_per_image_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs and gradients (input, expert kernels, router gate) equal a per-image loop that mixes
+    each image's kernel and convolves it alone, and the layer runs ONE grouped convolution."""
     torch.manual_seed(0)
     conv = CondConv2d(6, 10, num_experts=3)
-    x = torch.randn(5, 6, 9, 9)
+    x = torch.randn(5, 6, 9, 9, requires_grad=True)
+    g = torch.randn(5, 10, 9, 9)
+    calls = []
+    real_conv2d = F.conv2d
+
+    def counting_conv2d(*args, **kwargs):
+        calls.append(kwargs.get("groups", args[6] if len(args) > 6 else 1))
+        return real_conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", counting_conv2d)
     got = conv(x)
-    probs = torch.softmax(F.linear(x.mean(dim=(-2, -1)), conv.router.gate.weight), -1)
+    monkeypatch.setattr(F, "conv2d", real_conv2d)
+    assert calls == [5]  # one convolution, one group per image
+    (got * g).sum().backward()
+    grads = [x.grad, conv.weight_EOI33.grad, conv.router.gate.weight.grad]
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = conv.weight_EOI33.detach().clone().requires_grad_(True)
+    gate_ref = conv.router.gate.weight.detach().clone().requires_grad_(True)
+    probs = torch.softmax(x_ref.mean(dim=(-2, -1)) @ gate_ref.T, -1)
+    outputs = []
     for b in range(5):
-        kernel = sum(probs[b, e] * conv.weight_EOI33[e] for e in range(3))
-        torch.testing.assert_close(got[b:b + 1], F.conv2d(x[b:b + 1], kernel, padding=1), rtol=1e-4, atol=1e-5)
+        kernel = sum(probs[b, e] * w_ref[e] for e in range(3))
+        outputs.append(F.conv2d(x_ref[b:b + 1], kernel, padding=1))
+    want = torch.cat(outputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    (want * g).sum().backward()
+    for grad, ref in zip(grads, [x_ref.grad, w_ref.grad, gate_ref.grad], strict=True):
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_whitening_decorrelates_patches() -> None:
