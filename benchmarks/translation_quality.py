@@ -5,10 +5,14 @@ For each model: train (`moe_apps.translation.train.train`, the same code as `moe
 train`), then decode the test split with beam search and score it with sacreBLEU. Columns: BLEU,
 chrF and lowercased BLEU (detokenized, cased, 13a), sacreBLEU's length ratio, training wall time
 (the loop's epochs, validation included), training target tokens/s, decoding sentences/s (beam
-search over the whole split, batches sorted by length). Prints a table (``--json``: one JSON list).
+search over the whole split, batches sorted by length). With ``--average N`` the run keeps its
+last N validations' weights and the mean of them (checkpoint averaging, `eval --average N`) is
+scored too: columns ``avg_bleu``, ``avg_chrf``, ``avg_bleu_lowercase``, ``avg_length_ratio`` beside
+best.pt's. Prints a table (``--json``: one JSON list).
 
     python benchmarks/translation_quality.py --preset compare --models moe dense --out runs/translation-bench
     python benchmarks/translation_quality.py --preset compare --direction en-de
+    python benchmarks/translation_quality.py --preset default --models moe --average 5
     python benchmarks/translation_quality.py --step-time --rounds 8   # seconds per update only
 
 ``--step-time`` times training updates (forward, backward, AdamW step; bf16 autocast; the preset's
@@ -24,17 +28,31 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+AVERAGED = ("bleu", "chrf", "bleu_lowercase", "length_ratio")  # scores of --average, as avg_<key>
+
+
+def config_for(model: str, args: argparse.Namespace) -> Any:  # a TranslationConfig (imported lazily)
+    """The preset with the command line's overrides; with ``--average N`` it keeps at least N
+    snapshots (keeping weights does not change training)."""
+    from moe_apps.training.run import apply_overrides
+    from moe_apps.translation.config import get_preset
+
+    base = get_preset(args.preset)
+    snapshots = max(base.train.snapshots, args.average) if args.average else None
+    return apply_overrides(base, {
+        "model.model": model, "data.direction": args.direction, "train.epochs": args.epochs,
+        "train.seed": args.seed, "train.snapshots": snapshots})
 
 
 def run_one(model: str, args: argparse.Namespace, out: Path) -> dict:
-    """Train one model into ``out`` and score its best checkpoint; the numbers as a dict."""
-    from moe_apps.training.run import apply_overrides
-    from moe_apps.translation.config import get_preset
-    from moe_apps.translation.train import evaluate, evaluation_set, load_run, train
+    """Train one model into ``out`` and score its best checkpoint (and with ``--average N`` the mean
+    of its last N snapshots); the numbers as a dict."""
+    from moe_apps.translation.inference import evaluate, evaluation_set, load_run
+    from moe_apps.translation.train import train
 
-    config = apply_overrides(get_preset(args.preset), {
-        "model.model": model, "data.direction": args.direction, "train.epochs": args.epochs,
-        "train.seed": args.seed})
+    config = config_for(model, args)
     started = time.perf_counter()
     outcome = train(config, out, data_dir=args.data_dir, progress=False)
     wall = time.perf_counter() - started
@@ -42,7 +60,7 @@ def run_one(model: str, args: argparse.Namespace, out: Path) -> dict:
     run = load_run(out)
     name, sources, references = evaluation_set(run, split=args.split, src=None, ref=None, data_dir=args.data_dir)
     scores = evaluate(run, name, sources, references, beam=args.beam)
-    return {
+    row = {
         "model": model, "direction": args.direction, "preset": args.preset, "updates": config.total_updates,
         "split": name, "beam": args.beam, "bleu": scores["bleu"], "chrf": scores["chrf"],
         "bleu_lowercase": scores["bleu_lowercase"], "length_ratio": scores["length_ratio"],
@@ -52,6 +70,11 @@ def run_one(model: str, args: argparse.Namespace, out: Path) -> dict:
         "sentences_per_s": scores["sentences_per_s"], "parameters": outcome.parameters["total"],
         "bleu_signature": scores["bleu_signature"], "run_dir": str(out),
     }
+    if args.average:
+        averaged = evaluate(load_run(out, average=args.average), name, sources, references, beam=args.beam)
+        row.update({"average": args.average, "avg_checkpoints": averaged["checkpoints"],
+                    **{f"avg_{key}": averaged[key] for key in AVERAGED}})
+    return row
 
 
 def step_times(args: argparse.Namespace) -> list[dict]:
@@ -113,6 +136,8 @@ def print_table(rows: list[dict]) -> None:
                ("chrf", "{:.2f}"), ("bleu_lowercase", "{:.2f}"), ("length_ratio", "{:.3f}"),
                ("train_seconds", "{:.0f}"), ("train_target_tokens_per_s", "{:.0f}"),
                ("decode_seconds", "{:.1f}"), ("sentences_per_s", "{:.1f}"), ("parameters", "{:,}")]
+    if rows and "average" in rows[0]:
+        columns[7:7] = [(f"avg_{key}", "{:.3f}" if key == "length_ratio" else "{:.2f}") for key in AVERAGED]
     cells = [[name for name, _ in columns]] + [[fmt.format(row[name]) for name, fmt in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     for line in cells:
@@ -130,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--split", default="test_2016_flickr")
     parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--average", type=int, default=None, metavar="N",
+                        help="Also score the mean weights of the last N validations (kept as snapshots).")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=None, help="Folder for the run folders (default: a temp dir).")
     parser.add_argument("--step-time", action="store_true", help="Only time training updates (see above).")
@@ -146,6 +173,11 @@ def main(argv: list[str] | None = None) -> None:
                       f"{row['target_tokens_per_s']:.0f} target tokens/s  {row['parameters']:,} parameters  "
                       f"({row['updates_timed']} updates of <= {row['batch_tokens']} tokens, {row['threads']} threads)")
         return
+    if args.average is not None:
+        epochs = config_for(args.models[0], args).train.epochs
+        if not 1 <= args.average <= epochs:
+            parser.error(f"--average {args.average}: the {args.preset} preset validates {epochs} times; "
+                         f"average 1 to {epochs} of them")
     with tempfile.TemporaryDirectory() as scratch:
         base = args.out if args.out is not None else Path(scratch)
         rows = []

@@ -1,16 +1,17 @@
 """`moe-apps translation`: German<->English translation on Multi30k (train / eval / translate).
 
-A thin Typer layer over `moe_apps.translation.train`; torch and the app modules are imported
-inside the commands. Bad input (a folder that is not a translation run, source and reference files
-of different lengths, an unknown split, an existing run folder) prints one line and exits with
-code 1 without writing anything; usage errors exit with 2. A source line longer than the model's
-``max_source_tokens`` subwords is truncated to them, with a warning on stderr.
+A thin Typer layer over `moe_apps.translation.train` (train) and `moe_apps.translation.inference`
+(eval, translate); torch and the app modules are imported inside the commands. Bad input (a folder
+that is not a translation run, source and reference files of different lengths, an unknown split,
+an existing run folder, text that is not UTF-8, ``--average N`` beyond the snapshots the run kept)
+prints one line and exits with code 1 without writing anything; usage errors exit with 2. A source
+line longer than the model's ``max_source_tokens - 1`` subwords is truncated to them, with a
+warning on stderr.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,6 +35,8 @@ app = typer.Typer(help="Translation on Multi30k with an expert-routed Transforme
 
 RunArg = Annotated[Path, typer.Argument(help="A run folder made by `moe-apps translation train`.")]
 BeamOpt = Annotated[int | None, typer.Option("--beam", min=1, help="Beam size (1 = greedy; default: the run's, 5).")]
+AverageOpt = Annotated[int | None, typer.Option(
+    "--average", min=1, help="Use the mean weights of the run's last N epoch snapshots instead of best.pt.")]
 
 
 def _warn(message: str) -> None:
@@ -106,16 +109,18 @@ def eval_command(
     src: Annotated[Path | None, typer.Option("--src", help="Source sentences, one per line (plain or .gz).")] = None,
     ref: Annotated[Path | None, typer.Option("--ref", help="Reference translations aligned with --src.")] = None,
     beam: BeamOpt = None,
+    average: AverageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = None,
 ) -> None:
-    """sacreBLEU BLEU and chrF of a run's best checkpoint (hypotheses saved in the run folder)."""
+    """sacreBLEU BLEU and chrF of a run's best checkpoint, or of its averaged last snapshots
+    (hypotheses and scores saved in the run folder)."""
     from rich.console import Console
 
-    from moe_apps.translation.train import evaluate, evaluation_set, load_run
+    from moe_apps.translation.inference import evaluate, evaluation_set, load_run, result_stem
 
-    loaded = guard(lambda: load_run(run, device=device or "auto"))
+    loaded = guard(lambda: load_run(run, device=device or "auto", average=average))
     name, sources, references = guard(lambda: evaluation_set(loaded, split=split, src=src, ref=ref,
                                                              data_dir=data_dir))
     with Console(stderr=True).status(f"translating {len(sources)} sentences"):
@@ -128,7 +133,10 @@ def eval_command(
         return
     from rich.table import Table
 
-    table = Table(title=f"{run} on {name} ({loaded.config.data.direction}, beam {scores['beam']})")
+    weights = ", ".join(scores["checkpoints"])
+    if scores["weights"] == "average":
+        weights = f"mean of {weights}"
+    table = Table(title=f"{run} on {name} ({loaded.config.data.direction}, beam {scores['beam']}, {weights})")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in ("bleu", "chrf", "bleu_lowercase", "length_ratio", "sentences", "sentences_per_s"):
@@ -137,8 +145,8 @@ def eval_command(
     console = Console()
     console.print(table)
     console.print(scores["bleu_signature"], highlight=False)
-    console.print(f"hypotheses: {loaded.run_dir / 'hypotheses' / (name + '.beam' + str(scores['beam']) + '.txt')}",
-                  highlight=False)
+    console.print(f"hypotheses: {loaded.run_dir / 'hypotheses' / (result_stem(loaded, name, scores['beam']) + '.txt')}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command("translate")
@@ -146,14 +154,16 @@ def translate_command(
     run: RunArg,
     text: Annotated[str | None, typer.Argument(help="A sentence to translate (default: read lines from stdin).")] = None,
     beam: BeamOpt = None,
+    average: AverageOpt = None,
     show_routing: Annotated[bool, typer.Option("--show-routing", help="Print the experts of each subword in each MoE layer.")] = False,
     device: DeviceOpt = None,
 ) -> None:
     """Translate a sentence, or stdin line by line (an empty line gives an empty line)."""
-    from moe_apps.translation.train import load_run, routing_of, translate_lines
+    from moe_apps.translation.data import split_lines
+    from moe_apps.translation.inference import load_run, routing_of, translate_lines
 
-    loaded = guard(lambda: load_run(run, device=device or "auto"))
-    lines = [text] if text is not None else sys.stdin.read().splitlines()
+    loaded = guard(lambda: load_run(run, device=device or "auto", average=average))
+    lines = [text] if text is not None else guard(lambda: split_lines(typer.get_binary_stream("stdin").read(), "stdin"))
     result = guard(lambda: translate_lines(loaded, lines, beam=beam))
     if result.truncated:
         _warn(f"{result.truncated} lines were longer than {loaded.config.model.max_source_tokens - 1} "

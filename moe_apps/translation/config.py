@@ -265,14 +265,15 @@ def compare_preset() -> TranslationConfig:
 
 
 def smoke_preset() -> TranslationConfig:
-    """A seconds-long run on a slice of the data for tests and a first look (BLEU near zero)."""
+    """A seconds-long run on a slice of the data for tests and a first look (BLEU near zero); it
+    keeps its last 2 validations' weights, so ``--average 2`` can be tried on it."""
     return TranslationConfig(
         model=ModelConfig(vocab_size=400, d_model=32, num_heads=2, encoder_layers=1,
                           decoder_layers=1, num_experts=4, expert_hidden=32, dropout=0.0,
                           max_source_tokens=64),
         data=DataConfig(batch_tokens=256, updates_per_epoch=4, train_limit=200, val_limit=20),
         decode=DecodeConfig(beam=2, batch_sentences=32),
-        train=default_train(epochs=2, lr=3e-3, warmup_steps=2, checkpoint_every=2, log_every=2),
+        train=default_train(epochs=2, lr=3e-3, warmup_steps=2, checkpoint_every=2, log_every=2, snapshots=2),
         preset="smoke",
     )
 

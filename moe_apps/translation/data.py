@@ -169,14 +169,24 @@ def read_text_lines(path: str | Path) -> list[str]:
             raw = gzip.decompress(raw)
         except (EOFError, OSError, zlib.error) as error:
             raise ValueError(f"{path} is not a readable gzip file ({error})") from error
+    return split_lines(raw, path)
+
+
+def split_lines(raw: bytes, name: str | Path) -> list[str]:
+    """The lines of UTF-8 ``raw`` (a file's or stdin's bytes): split at "\n" only, so a form feed
+    or U+2028 inside a line stays in it (`str.splitlines` would cut there and misalign outputs with
+    inputs), a trailing "\r" dropped, no empty last line after a final newline. A one-line
+    ValueError naming ``name`` and the line when the bytes are not UTF-8."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text (byte {error.start}); convert it to UTF-8") from error
+        line = raw[: error.start].count(b"\n") + 1
+        raise ValueError(f"{name} is not UTF-8 text (line {line}, byte {error.start}); convert it to "
+                         "UTF-8, e.g. with iconv") from error
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    return [line.removesuffix("\r") for line in lines]
 
 
 def read_parallel_files(src_path: str | Path, ref_path: str | Path) -> tuple[list[str], list[str]]:

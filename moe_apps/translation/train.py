@@ -1,14 +1,10 @@
-"""Train, score and use translation runs (what `moe-apps translation train / eval / translate` call).
+"""Train translation runs (what `moe-apps translation train` calls); `inference` scores and uses them.
 
 The run folder is the platform's (`moe_apps.training.run`: config.json, the lock, refusals) plus
 ``spm.model`` (the vocabulary, learned on the run's training pairs before the first step), the
 loop's files, and after training ``routing.json`` / ``routing.png`` (expert load and drop rate per
 MoE layer on the validation set, with the training-time drop rate from metrics.jsonl) and
-``train_summary.json`` (wall time, updates, target tokens/s). `evaluate` writes its hypotheses to
-``hypotheses/<name>.beam<K>.txt`` and its scores to ``eval/<name>.beam<K>.json``.
-
-Scores are sacreBLEU (Post 2018) BLEU and chrF on detokenized, cased text against the raw
-references (13a tokenization), with the lowercased BLEU beside them.
+``train_summary.json`` (wall time, updates, target tokens/s).
 """
 
 from __future__ import annotations
@@ -21,19 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from moe_apps.atomic import atomic_write
 from moe_apps.datasets import load_multi30k, resolve_data_root
-from moe_apps.training import fit, load_checkpoint, resolve_device, set_seed
+from moe_apps.training import fit, resolve_device, set_seed
 from moe_apps.training.run import check_run_folder, open_run, start_run
 from moe_apps.training.runtime import autocast
 from moe_apps.translation.config import TranslationConfig
-from moe_apps.translation.data import EncodedPairs, TrainStream, eval_batches, read_parallel_files
-from moe_apps.translation.decode import beam_decode
+from moe_apps.translation.data import EncodedPairs, TrainStream, eval_batches
 from moe_apps.translation.model import Seq2SeqTransformer, build_model, count_parameters
 from moe_apps.translation.task import TranslationTask
-from moe_apps.translation.vocab import MODEL_FILE, Vocab, load_vocab, train_vocab
+from moe_apps.translation.vocab import MODEL_FILE, load_vocab, train_vocab
 from moe_core.diagnostics import StatsAccumulator
 
 APP = "translation"
@@ -183,152 +177,3 @@ def write_routing_report(model: Seq2SeqTransformer, config: TranslationConfig, b
                      title=f"expert load per layer, validation ({config.model.router}, "
                            f"E={config.model.num_experts})")
     return report
-
-
-@dataclass(frozen=True)
-class LoadedRun:
-    run_dir: Path
-    config: TranslationConfig
-    data_root: Path | None
-    vocab: Vocab
-    model: Seq2SeqTransformer
-    checkpoint: Path
-
-
-def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
-    """A finished (or running) translation run's vocabulary and best weights, in eval mode."""
-    info = open_run(run_dir, app=APP)
-    config = TranslationConfig.from_dict(info.config)
-    vocab = load_vocab(info.run_dir / MODEL_FILE)
-    checkpoint = info.checkpoint("best")
-    model = build_model(config.model)
-    load_checkpoint(checkpoint, model, app=APP, model_config=asdict(config.model))
-    model.to(resolve_device(device)).eval()
-    return LoadedRun(info.run_dir, config, info.data_root, vocab, model, checkpoint)
-
-
-@dataclass(frozen=True)
-class Translations:
-    """Decoded lines, in input order, and what was truncated."""
-
-    lines: list[str]
-    ids: list[list[int]]
-    source_ids: list[list[int]]
-    truncated: int
-    seconds: float
-
-
-def translate_lines(run: LoadedRun, lines: Sequence[str], *, beam: int | None = None,
-                    length_penalty: float | None = None) -> Translations:
-    """Translate ``lines``: an empty (or blank) line gives an empty line; a line of more than
-    ``max_source_tokens`` subwords is truncated to them (counted in ``truncated``); characters
-    never seen in training go in as UTF-8 byte pieces. Sentences are decoded in batches sorted by
-    length."""
-    decode = run.config.decode
-    beam = decode.beam if beam is None else beam
-    penalty = decode.length_penalty if length_penalty is None else length_penalty
-    limit = run.config.model.max_source_tokens - 1  # leave room for eos
-    encoded = run.vocab.encode([line.strip() for line in lines])
-    truncated = sum(len(ids) > limit for ids in encoded)
-    encoded = [ids[:limit] for ids in encoded]
-    order = sorted((i for i in range(len(encoded)) if encoded[i]), key=lambda i: len(encoded[i]))
-    outputs: list[list[int]] = [[] for _ in encoded]
-    device = next(run.model.parameters()).device
-    started = time.perf_counter()
-    with autocast(device, run.config.train.precision):
-        for start in range(0, len(order), decode.batch_sentences):
-            chunk = order[start : start + decode.batch_sentences]
-            hyps = beam_decode(run.model, [encoded[i] for i in chunk], beam=beam, length_penalty=penalty,
-                               max_len_a=decode.max_len_a, max_len_b=decode.max_len_b)
-            for i, hyp in zip(chunk, hyps, strict=True):
-                outputs[i] = hyp
-    seconds = time.perf_counter() - started
-    texts = [text if encoded[i] else "" for i, text in enumerate(run.vocab.decode(outputs))]
-    return Translations(texts, outputs, encoded, truncated, seconds)
-
-
-def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
-    """sacreBLEU BLEU, chrF (and signatures), lowercased BLEU and the length ratio."""
-    from sacrebleu.metrics import BLEU, CHRF
-
-    bleu, chrf, lower = BLEU(), CHRF(), BLEU(lowercase=True)
-    refs = [list(references)]
-    b = bleu.corpus_score(list(hypotheses), refs)
-    c = chrf.corpus_score(list(hypotheses), refs)
-    lowered = lower.corpus_score(list(hypotheses), refs)
-    return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
-            "chrf_signature": str(chrf.get_signature()), "bleu_lowercase": lowered.score,
-            "length_ratio": b.sys_len / b.ref_len if b.ref_len else 0.0}
-
-
-def evaluation_set(run: LoadedRun, *, split: str | None, src: str | Path | None, ref: str | Path | None,
-                   data_dir: str | Path | None = None) -> tuple[str, list[str], list[str]]:
-    """(name, sources, references) of a Multi30k split in the run's direction, or of two files."""
-    if (src is None) != (ref is None):
-        raise ValueError("--src and --ref go together: give both files (source and reference)")
-    if src is not None:
-        if split is not None:
-            raise ValueError("give either --split or --src/--ref, not both")
-        sources, references = read_parallel_files(src, ref)
-        return Path(src).name.removesuffix(".gz"), sources, references
-    split = split or "test_2016_flickr"
-    if split == "train":
-        raise ValueError("--split train is the data the run learned from; score val or a test split")
-    root = resolve_data_root(data_dir if data_dir is not None else run.data_root)
-    pairs = load_multi30k(root, [split])[split]
-    source, target = run.config.data.languages
-    return split, _side(pairs, source), _side(pairs, target)
-
-
-def evaluate(run: LoadedRun, name: str, sources: Sequence[str], references: Sequence[str], *,
-             beam: int | None = None) -> dict[str, Any]:
-    """Translate and score; hypotheses to ``hypotheses/<name>.beam<K>.txt``, scores to
-    ``eval/<name>.beam<K>.json`` in the run folder."""
-    beam = run.config.decode.beam if beam is None else beam
-    result = translate_lines(run, sources, beam=beam)
-    scores = score(result.lines, references)
-    scores.update({"sentences": len(sources), "decode_seconds": result.seconds,
-                   "sentences_per_s": len(sources) / result.seconds if result.seconds > 0 else 0.0,
-                   "beam": beam, "truncated_sources": result.truncated, "name": name,
-                   "direction": run.config.data.direction, "checkpoint": run.checkpoint.name})
-    stem = f"{name}.beam{beam}"
-    text = "".join(line + "\n" for line in result.lines)
-    atomic_write(run.run_dir / "hypotheses" / f"{stem}.txt", lambda f: f.write(text.encode()))
-    _write_json(run.run_dir / "eval" / f"{stem}.json", scores)
-    return scores
-
-
-@torch.no_grad()
-def routing_of(run: LoadedRun, source_ids: list[int], output_ids: list[int]) -> dict[str, Any]:
-    """Which experts each source subword went to in each encoder MoE layer, and each generated
-    token (the decoder step that produced it, eos included) in each decoder MoE layer."""
-    from moe_apps.translation.data import TranslationBatch, pad_rows
-    from moe_apps.translation.vocab import BOS, EOS
-
-    model, device = run.model, next(run.model.parameters()).device
-    src = pad_rows([list(source_ids) + [EOS]]).to(device)
-    tgt_in = pad_rows([[BOS] + list(output_ids)]).to(device)
-    layers = model.moe_layers()
-    for _, ffn in layers:
-        ffn.record_routing = True
-    try:
-        model(TranslationBatch(src, tgt_in, tgt_in))
-        table = {name: _experts_per_token(*ffn.last_routing) for name, ffn in layers}
-    finally:
-        for _, ffn in layers:
-            ffn.record_routing, ffn.last_routing = False, None
-    return {"source": run.vocab.pieces(list(source_ids) + [EOS]),
-            "target": run.vocab.pieces(list(output_ids) + [EOS]), "layers": table}
-
-
-def _experts_per_token(routing: Any, mask_BN: Tensor) -> list[list[int]]:
-    """Per real token (flattened order), the experts it went to (best first for token choice)."""
-    T = int(mask_BN.sum())
-    if routing.expert_indices_TK is not None:
-        return routing.expert_indices_TK.tolist()
-    chosen: list[list[int]] = [[] for _ in range(T)]
-    for e, tokens in enumerate(routing.token_indices_EC.tolist()):
-        for t in tokens:
-            chosen[t].append(e)
-    return chosen
-

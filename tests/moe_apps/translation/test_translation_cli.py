@@ -72,6 +72,7 @@ def test_eval_refuses_mismatched_files_and_writes_nothing(smoke_run: Path, tmp_p
     result = runner.invoke(app, ["translation", "eval", str(run), "--src", str(src), "--ref", str(ref)])
     assert result.exit_code == 1
     assert "has 2 lines but" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
     assert _files(run) == before
 
 
@@ -99,6 +100,25 @@ def test_translate_argument_stdin_empty_lines_and_unseen_characters(smoke_run: P
     assert empty.exit_code == 0 and empty.stdout == ""
 
 
+def test_translate_keeps_one_output_line_per_input_line(smoke_run: Path) -> None:
+    # form feed, vertical tab, U+2028 and U+0085 are not line ends of a text file: no extra lines
+    text = "Ein hund\x0cläuft.\nZwei\u2028hund.\r\nEin\x0bball\x85rot.\n"
+    result = runner.invoke(app, ["translation", "translate", str(smoke_run)], input=text.encode())
+    assert result.exit_code == 0, result.output
+    assert len(result.stdout.split("\n")) == 4 and result.stdout.endswith("\n")
+
+
+def test_translate_refuses_text_that_is_not_utf8(smoke_run: Path) -> None:
+    result = runner.invoke(app, ["translation", "translate", str(smoke_run)], input=b"Ein hund.\nEin \xff hund.\n")
+    assert result.exit_code == 1, result.output
+    assert "line 2" in result.output and "UTF-8" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    # an argument the shell could not decode arrives with a lone surrogate (Python's surrogateescape)
+    result = runner.invoke(app, ["translation", "translate", str(smoke_run), "Ein \udcff hund."])
+    assert result.exit_code == 1 and "UTF-8" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_translate_truncates_an_overlong_line_with_a_warning(smoke_run: Path) -> None:
     long_line = " ".join(["hund"] * 200)
     result = runner.invoke(app, ["translation", "translate", str(smoke_run), long_line])
@@ -111,6 +131,32 @@ def test_show_routing_lists_experts_per_subword_and_layer(smoke_run: Path) -> No
     assert result.exit_code == 0, result.output
     assert "encoder experts" in result.output and "decoder experts" in result.output
     assert "layer 0" in result.output and "</s>" in result.output
+
+
+def test_show_routing_is_the_routing_the_translation_used(smoke_run: Path, multi30k_root: Path) -> None:
+    """Record every MoE layer's experts while greedy decoding runs (encoder once, decoder one cached
+    step per token) and compare with what --show-routing computes for the same sentence."""
+    from moe_apps.translation.data import read_text_lines
+    from moe_apps.translation.inference import load_run, routing_of, translate_lines
+
+    loaded = load_run(smoke_run)
+    used: dict[str, list[list[int]]] = {}
+    hooks = [ffn.inner.register_forward_hook(
+        lambda _m, _i, out, name=name: used.setdefault(name, []).extend(out.routing.expert_indices_TK.tolist()))
+        for name, ffn in loaded.model.moe_layers()]
+    sentences = read_text_lines(multi30k_root / "multi30k" / "train.de.gz")[:40]
+    try:
+        for sentence in sentences:
+            used.clear()
+            result = translate_lines(loaded, [sentence], beam=1)
+            recorded = {name: list(rows) for name, rows in used.items()}
+            used.clear()
+            shown = routing_of(loaded, result.source_ids[0], result.ids[0])
+            assert shown["layers"] == recorded, sentence
+            assert len(shown["layers"]["decoder.0"]) == len(result.ids[0]) + 1  # eos included
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_train_refuses_an_existing_run_and_bad_options(smoke_run: Path, multi30k_root: Path) -> None:
@@ -140,7 +186,7 @@ def test_kill_then_resume_gives_identical_weights(multi30k_root: Path, tmp_path:
 
 def test_en_de_direction_reads_english_sources(multi30k_root: Path, tmp_path: Path) -> None:
     from moe_apps.datasets import load_multi30k
-    from moe_apps.translation.train import evaluation_set, load_run
+    from moe_apps.translation.inference import evaluation_set, load_run
 
     out = tmp_path / "en-de"
     result = runner.invoke(app, ["translation", "train", "--preset", "smoke", "--direction", "en-de", "--epochs", "1",
