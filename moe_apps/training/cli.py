@@ -10,12 +10,20 @@ Exit codes (the same in `moe-apps data`, `recsys` and every app to come):
 
 The train options below are validated while parsing, so an invalid one stops the command before
 anything is written. Only typer and the standard library are imported at module level; torch is
-imported only when ``--device`` names a CUDA device.
+imported only when ``--device`` names a CUDA device, and by `relaunch_with_torchrun`.
+
+``--nproc N`` (`NprocOpt`): a train command calls `relaunch_with_torchrun` once its options are
+checked; it runs the same command (minus ``--nproc``, with the resolved ``--out``) in N local
+processes through torch's own launcher (`torch.distributed.run`, what ``torchrun`` runs: exactly
+``python -m torch.distributed.run --standalone --nproc-per-node N -m moe_apps.cli <app> train ...``)
+and exits with 0, or with one line naming the rank that failed and exit code 1.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -45,6 +53,9 @@ def fail(error: BaseException | str) -> NoReturn:
     from rich.markup import escape
 
     message = error if isinstance(error, str) else error_message(error)
+    rank, world = launch_rank()
+    if world > 1:  # under torchrun: say which process
+        message = f"rank {rank}: {message}"
     Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False,
                                soft_wrap=True)
     raise typer.Exit(EXIT_FAILURE)
@@ -60,6 +71,10 @@ def guard(action: Callable[[], T]) -> T:
         return action()
     except FAILURES as error:
         fail(error)
+    except RuntimeError as error:  # under torchrun: another rank died inside a collective
+        if launch_rank()[1] > 1 and type(error).__name__.startswith("Dist"):
+            fail(f"lost contact with another rank ({type(error).__name__}); the launcher stops the job")
+        raise
 
 
 def _check_device(value: str | None) -> str | None:
@@ -90,6 +105,9 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", callback=_check_devic
 DataDirOpt = Annotated[str | None, typer.Option(
     "--data-dir", help="Data folder (default: with --resume the run's, else $MOE_APPS_DATA, else ~/.cache/moe-apps).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+NprocOpt = Annotated[int, typer.Option(
+    "--nproc", min=1, help="Train in N local processes (torch.distributed.run; DDP, experts split "
+                           "over the processes where the app supports it). 1 = this process.")]
 
 
 def train_overrides(*, epochs: int | None = None, seed: int | None = None, device: str | None = None,
@@ -103,3 +121,111 @@ def train_overrides(*, epochs: int | None = None, seed: int | None = None, devic
 def default_out(app: str, name: str) -> Path:
     """``runs/<app>/<name>-<YYYYmmdd-HHMMSS>``: the run folder when --out is not given."""
     return Path("runs") / app / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+# ----- --nproc: the same train command in N processes -------------------------------------------
+def launch_rank() -> tuple[int, int]:
+    """``(rank, world size)`` under torchrun, else ``(0, 1)`` (from the environment, no torch)."""
+    from moe_apps.training.run import launch_rank as rank_of_env
+
+    return rank_of_env()
+
+
+def main_console() -> Any:
+    """A rich Console that prints on rank 0 only (every process of a one-process run)."""
+    from rich.console import Console
+
+    return Console(quiet=launch_rank()[0] > 0)
+
+
+@dataclass(frozen=True)
+class LaunchFailure:
+    """The process a torchrun job failed on first (a killed process before one that lost contact)."""
+
+    rank: int
+    local_rank: int
+    exit_code: int
+    signal: str | None  # "SIGKILL" when killed by a signal
+
+    def message(self, out: Path | None = None) -> str:
+        how = (f"was killed by {self.signal} (exit code {self.exit_code})" if self.signal
+               else f"exited with code {self.exit_code}")
+        where = f" --out {out}" if out is not None else ""
+        return (f"rank {self.rank} (local rank {self.local_rank}) {how}; the launcher stopped the other "
+                f"ranks. Rerun with --resume{where} to continue from the last complete checkpoint")
+
+
+def run_torchrun(nproc: int, program: list[str]) -> LaunchFailure | None:
+    """``python -m torch.distributed.run --standalone --nproc-per-node N <program>``, run by torch's
+    launcher in this process (its own argument parser and `run`, so the failure comes back as data,
+    not as the launcher's traceback). None when every rank exited 0."""
+    import logging
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = torchrun.get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), *program])
+    logger = logging.getLogger("torch.distributed.elastic")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # the summary below replaces its multi-line report
+    try:
+        torchrun.run(args)
+    except ChildFailedError as error:
+        failures = sorted(error.failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
+        rank, first = failures[0]
+        signal = first.signal_name() if first.exitcode < 0 else None
+        return LaunchFailure(rank, first.local_rank, first.exitcode, signal)
+    finally:
+        logger.setLevel(level)
+    return None
+
+
+def _given_args(skip: set[str]) -> list[str]:
+    """The options of the running click command that were given (not defaulted), as argv."""
+    import click
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    argv: list[str] = []
+    for param in ctx.command.params:
+        name = param.name or ""
+        value = ctx.params.get(name)
+        if name in skip or value is None or ctx.get_parameter_source(name) in (
+                ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+            continue
+        if not isinstance(param, click.Option):
+            argv += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        elif param.is_flag:
+            if value or param.secondary_opts:
+                argv.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            for item in value if param.multiple else [value]:
+                argv += [param.opts[0], str(getattr(item, "value", item))]
+    return argv
+
+
+def relaunch_with_torchrun(nproc: int, app: str, *, out: Path | None, resume: bool = False) -> None:
+    """Run this `moe-apps <app> train` command in ``nproc`` processes and exit, when ``nproc`` > 1
+    and this process is not already one of a torchrun job; otherwise return and train here.
+
+    The given options are passed on unchanged (minus ``--nproc``), with ``--out`` set to ``out``
+    (the resolved run folder: a default one named after the time must be named once, here).
+    The run folder is checked once before launching (a bad --out is one line, nothing started).
+    Exits 0 when every rank succeeded; a failed rank is one line (`LaunchFailure.message`), exit 1.
+    """
+    if nproc <= 1 or launch_rank()[1] > 1:
+        return
+    if out is not None:
+        from moe_apps.training.run import check_run_folder
+
+        check_run_folder(out, app=app, resume=resume)
+    argv = ["-m", "moe_apps.cli", app, "train", *_given_args({"nproc", "out"})]
+    if out is not None:
+        argv += ["--out", str(out)]
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    failure = run_torchrun(nproc, argv)
+    if env_threads is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    if failure is not None:
+        fail(failure.message(out))
+    raise typer.Exit(0)

@@ -19,6 +19,10 @@ the best epoch), ``checkpoints/epoch-NNNN.pt`` (the last ``snapshots`` epochs), 
 Resume is exact: ``train_batches(epoch)`` must give the same batches in the same order for the
 same (seed, epoch), so the loop replays the epoch's iterator past the steps already done and
 restores the RNG, optimizer and scheduler states saved after the last of them.
+
+Under ``torchrun`` (N processes) the same loop runs data-parallel: `moe_apps.training.distributed`
+states the rules (rank r trains on batches r, r+N, ...; only rank 0 writes; full-state checkpoints
+that load at any world size); in one process it changes nothing.
 """
 
 from __future__ import annotations
@@ -48,16 +52,21 @@ from moe_apps.training.checkpoint import (
     snapshot_path,
 )
 from moe_apps.training.config import FitResult, Task, TrainConfig
+from moe_apps.training.distributed import (
+    Distribute,
+    RankSync,
+    clip_grad_norm_,
+    current_context,
+    data_parallel_model,
+    rank_device,
+)
 from moe_apps.training.plots import plot_curves
 from moe_apps.training.runtime import (
     ParamGroupsFn,
     autocast,
-    build_optimizer,
     build_scheduler,
     count_steps,
     resolve_device,
-    rng_state,
-    set_rng_state,
     set_seed,
     to_device,
 )
@@ -100,8 +109,10 @@ class _Trainer:
 
     def __init__(self, model: nn.Module, task: Task, config: TrainConfig, run_dir: Path, *,
                  app: str, model_config: dict[str, Any], device: torch.device, total_steps: int,
-                 console: Any, param_groups: ParamGroupsFn | None = None) -> None:
+                 console: Any, param_groups: ParamGroupsFn | None = None, sync: RankSync | None = None) -> None:
         self.model, self.task, self.config, self.run_dir = model, task, config, run_dir
+        self.sync = sync if sync is not None else RankSync(current_context(), None, model, config.seed)
+        self.net = self.sync.net  # forward / backward (DDP under torchrun); state through self.sync
         self.app, self.model_config, self.device, self.console = app, model_config, device, console
         self.last_path = run_dir / "checkpoints" / "last.pt"
         self.best_path = run_dir / "checkpoints" / "best.pt"
@@ -109,7 +120,7 @@ class _Trainer:
         self.coefficients = dict(config.aux_loss_coefficients)
         weighted_aux_loss({}, self.coefficients)  # a typo in a coefficient name fails here, not later
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(model, config, param_groups)
+        self.optimizer = self.sync.make_optimizer(config, param_groups)
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
         self.average = None if config.averaging == "none" else WeightAverage(
             config.averaging, config.averaging_decay, config.averaging_every, config.averaging_start_epoch)
@@ -137,29 +148,40 @@ class _Trainer:
             )
 
     def save_last(self) -> None:
+        """checkpoints/last.pt (collective under torchrun: every rank calls it, rank 0 writes)."""
         self.check_finite()
-        save_checkpoint(self.last_path, {
+        sync, run = self.sync, self.run
+        run.sums, run.metric_sums = sync.mean_over_ranks(run.sums), sync.mean_over_ranks(run.metric_sums)
+        averaging = None if self.average is None else self.average.state_dict()
+        if averaging is not None and averaging["state"] is not None:
+            averaging["state"] = {k: v.cpu() for k, v in sync.full_of(self.average.state).items()}
+        state = {
             **self._metadata(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": sync.model_state(),
+            "optimizer": sync.optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
-            "sums": {k: v.detach().cpu() for k, v in self.run.sums.items()},
-            "metric_sums": {k: v.detach().cpu() for k, v in self.run.metric_sums.items()},
-            "routing": {name: acc.state_dict() for name, acc in self.run.routing.items()},
-            "seconds": self.run.seconds,
-            "averaging": None if self.average is None else self.average.state_dict(),
-        })
+            **sync.rng_entries(),
+            "sums": {k: v.detach().cpu() for k, v in run.sums.items()},
+            "metric_sums": {k: v.detach().cpu() for k, v in run.metric_sums.items()},
+            "routing": {name: acc.state_dict() for name, acc in run.routing.items()},
+            "seconds": run.seconds,
+            "averaging": averaging,
+        }
+        if sync.is_main:
+            save_checkpoint(self.last_path, state)
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.sync.load_model_state(state["model"])
+        self.sync.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.average is not None:
             if state.get("averaging") is None:
                 raise ValueError(f"{self.last_path} was trained without weight averaging; resume it "
                                  "with averaging='none' or start a new run")
-            self.average.load_state_dict(state["averaging"], self.device)
+            averaging = dict(state["averaging"])
+            if averaging["state"] is not None:
+                averaging["state"] = self.sync.local_of(averaging["state"])
+            self.average.load_state_dict(averaging, self.device)
         step = self.scheduler.last_epoch  # follow the current config's schedule from here
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
             group["lr"] = base_lr * self.scheduler.lr_lambdas[0](step)
@@ -181,7 +203,9 @@ class _Trainer:
 
     def write_metrics(self) -> None:
         """metrics.jsonl = one line per epoch of the history, written atomically (a full disk is
-        an OSError naming the file, and a kill never leaves half a line)."""
+        an OSError naming the file, and a kill never leaves half a line); rank 0 only."""
+        if not self.sync.is_main:
+            return
         lines = "".join(json.dumps(row) + "\n" for row in self.run.history)
         atomic_write(self.metrics_path, lambda f: f.write(lines.encode()))
 
@@ -201,7 +225,7 @@ class _Trainer:
             if getattr(module, "last_stats", None) is not None:
                 module.last_stats = None
         with autocast(self.device, self.config.precision):
-            task_loss, metrics = self.task.training_loss(self.model, batch)
+            task_loss, metrics = self.task.training_loss(self.net, batch)
             if not isinstance(task_loss, Tensor) or task_loss.dim() != 0:
                 raise ValueError(
                     "Task.training_loss must return (scalar loss tensor, dict of metrics), got a "
@@ -212,7 +236,9 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
-            self._add("grad_norm", torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
+            clip = clip_grad_norm_ if self.sync.dm is not None else torch.nn.utils.clip_grad_norm_
+            args = (self.model, self.params) if self.sync.dm is not None else (self.params,)
+            self._add("grad_norm", clip(*args, self.config.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         if self.average is not None:
@@ -230,10 +256,11 @@ class _Trainer:
         self.run.global_step += 1
 
     def validate(self, val_batches: Callable[[], Iterable[Any]]) -> dict[str, float]:
-        self.model.eval()
+        self.net.eval()
         averaged = self.average.applied(self.model) if self.average is not None else contextlib.nullcontext()
         with averaged, torch.no_grad(), autocast(self.device, self.config.precision):
-            metrics = self.task.evaluate(self.model, to_device(val_batches(), self.device))
+            metrics = self.task.evaluate(self.net, to_device(val_batches(), self.device))
+        metrics = self.sync.agree(metrics)  # rank 0's metrics decide on every rank
         if not isinstance(metrics, Mapping) or self.config.monitor not in metrics:
             keys = sorted(metrics) if isinstance(metrics, Mapping) else type(metrics).__name__
             raise ValueError(
@@ -246,6 +273,7 @@ class _Trainer:
         """Log the epoch, update best / early stopping, write checkpoints, metrics and curves."""
         run, config = self.run, self.config
         self.check_finite()
+        run.sums, run.metric_sums = self.sync.mean_over_ranks(run.sums), self.sync.mean_over_ranks(run.metric_sums)
         steps = run.step_in_epoch
         row: dict[str, float] = {"epoch": run.epoch + 1}
         row.update({k: (v / steps).item() for k, v in sorted(run.sums.items())})
@@ -265,17 +293,18 @@ class _Trainer:
         if improved:
             run.best_metric, run.best_epoch, run.best_metrics = value, run.epoch, dict(metrics)
             run.bad_epochs = 0
-            save_checkpoint(self.best_path, {**self._metadata(), "model": weights})
+            if self.sync.is_main:
+                save_checkpoint(self.best_path, {**self._metadata(), "model": weights})
         else:
             run.bad_epochs += 1
-        if config.snapshots:
+        if config.snapshots and self.sync.is_main:
             save_checkpoint(snapshot_path(self.run_dir, run.epoch), {**self._metadata(), "model": weights})
             for old in list_snapshots(self.run_dir)[:-config.snapshots]:
                 old.unlink(missing_ok=True)
         run.stopped_early = config.patience is not None and run.bad_epochs >= config.patience
         self.save_last()
         self.write_metrics()
-        if time.perf_counter() - self.last_plot >= PLOT_EVERY_S:
+        if time.perf_counter() - self.last_plot >= PLOT_EVERY_S and self.sync.is_main:
             self.plot()
         shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items()
                           if k not in ("epoch", "seconds", "lr") and not k.startswith(QUIET_PREFIXES))
@@ -286,11 +315,11 @@ class _Trainer:
     def validated_weights(self) -> dict[str, Tensor]:
         """The weights validation scores: the weight average once it started, else the model's."""
         if self.average is None:
-            return self.model.state_dict()
-        return self.average.averaged_state(self.model)
+            return self.sync.model_state()
+        return self.sync.full_of(self.average.averaged_state(self.model))
 
     def plot(self) -> None:
-        if self.run.history:
+        if self.run.history and self.sync.is_main:
             plot_curves(self.run.history, self.run_dir / "curves.png", monitor=self.config.monitor,
                         best_epoch=self.run.best_epoch)
             self.last_plot = time.perf_counter()
@@ -299,14 +328,14 @@ class _Trainer:
                     progress: Any, steps_per_epoch: int, started: float) -> None:
         """Train the rest of epoch ``run.epoch``; on resume, skip its done steps and then restore RNG."""
         run, config = self.run, self.config
-        self.model.train()
-        iterator = iter(batches)
+        self.net.train()
+        iterator = iter(self.sync.shard(batches, steps_per_epoch))
         if resumed_state is not None:
             # Replay the iterator past the done steps (data order depends on (seed, epoch) only),
             # then restore the RNG exactly as it was right after the last done step.
             for _ in islice(iterator, run.step_in_epoch):
                 pass
-            set_rng_state(resumed_state["rng"])
+            self.sync.restore_rng(resumed_state, run.global_step)
         task_id = progress.add_task(f"epoch {run.epoch + 1}/{config.epochs}", total=steps_per_epoch,
                                     completed=run.step_in_epoch, loss="")
         for batch in to_device(iterator, self.device):
@@ -315,7 +344,7 @@ class _Trainer:
             if run.step_in_epoch % config.log_every == 0:
                 mean = (run.sums["train_loss"] / run.step_in_epoch).item()
                 progress.update(task_id, loss=f"loss {mean:.4f}")
-                if not config.progress:
+                if not config.progress and self.sync.is_main:
                     self.console.print(f"epoch {run.epoch + 1} step {run.step_in_epoch}: loss {mean:.4f}")
             if config.checkpoint_every is not None and run.global_step % config.checkpoint_every == 0:
                 run.seconds = time.perf_counter() - started
@@ -328,7 +357,7 @@ class _Trainer:
 def fit(model: nn.Module, task: Task, train_batches: Callable[[int], Iterable[Any]],
         val_batches: Callable[[], Iterable[Any]], config: TrainConfig, run_dir: str | Path, *,
         app: str, model_config: Mapping[str, Any], resume: bool = False, console: Any = None,
-        param_groups: ParamGroupsFn | None = None) -> FitResult:
+        param_groups: ParamGroupsFn | None = None, distribute: Distribute | None = None) -> FitResult:
     """Train ``model`` on ``task`` for ``config.epochs`` epochs (or until early stopping).
 
     Args:
@@ -342,6 +371,10 @@ def fit(model: nn.Module, task: Task, train_batches: Callable[[int], Iterable[An
         param_groups: ``model -> [{"params": [...], "lr_scale": float, "weight_decay": float}]``;
             each group trains at ``lr * lr_scale`` (under the same schedule) with its own weight
             decay; trainable parameters left out form one more group with the config's values.
+        distribute: under torchrun, how the model is spread over the ranks (default
+            `data_parallel_model`: DDP, expert-parallel experts reduced over their group); ignored
+            in one process. The rules (data share, rank 0 writes, full checkpoints) are in
+            `moe_apps.training.distributed`.
 
     Returns:
         FitResult; the model is left holding the weights of the best epoch (checkpoints/best.pt:
@@ -376,7 +409,8 @@ def fit(model: nn.Module, task: Task, train_batches: Callable[[int], Iterable[An
         raise FileNotFoundError(
             f"resume=True but {last_path} does not exist; start a fresh run (resume=False) instead"
         )
-    device = resolve_device(config.device)
+    ctx = current_context()
+    device = rank_device(resolve_device(config.device), ctx)
     state = None
     if resume:
         state = read_checkpoint(last_path)
@@ -384,36 +418,44 @@ def fit(model: nn.Module, task: Task, train_batches: Callable[[int], Iterable[An
     else:
         set_seed(config.seed)
     model.to(device)
-    steps_per_epoch = count_steps(train_batches)
+    dm = (distribute or data_parallel_model)(model, ctx) if ctx.enabled else None
+    sync = RankSync(ctx, dm, model, config.seed)
+    if state is None:
+        sync.seed_rank()
+    steps_per_epoch = sync.steps_per_epoch(count_steps(train_batches))
     trainer = _Trainer(model, task, config, run_dir, app=app, model_config=normalized, device=device,
                        total_steps=config.epochs * steps_per_epoch, console=console,
-                       param_groups=param_groups)
-    run_dir.mkdir(parents=True, exist_ok=True)
+                       param_groups=param_groups, sync=sync)
+    if sync.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    say = console.print if sync.is_main else (lambda *args, **kwargs: None)
     if state is not None:
         trainer.restore(state)
-        console.print(f"resumed {run_dir} at epoch {trainer.run.epoch + 1}, step {trainer.run.step_in_epoch}")
+        say(f"resumed {run_dir} at epoch {trainer.run.epoch + 1}, step {trainer.run.step_in_epoch}"
+            + (f" on {ctx.world_size} processes" if ctx.enabled else ""))
     else:
         trainer.write_metrics()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"))
-    with Progress(*columns, console=console, disable=not config.progress) as progress:
+    with Progress(*columns, console=console, disable=not (config.progress and sync.is_main)) as progress:
         while trainer.run.epoch < config.epochs and not trainer.run.stopped_early:
             started = time.perf_counter() - trainer.run.seconds
             if state is not None and trainer.run.step_in_epoch == 0:
-                set_rng_state(state["rng"])  # saved at the epoch boundary: before the iterator
+                sync.restore_rng(state, trainer.run.global_step)  # saved at the epoch boundary
                 state = None
             trainer.train_epoch(train_batches(trainer.run.epoch), state, progress, steps_per_epoch,
                                 started)
             state = None
             metrics = trainer.validate(val_batches)
-            console.print(trainer.end_epoch(metrics, time.perf_counter() - started), soft_wrap=True)
+            say(trainer.end_epoch(metrics, time.perf_counter() - started), soft_wrap=True)
     trainer.plot()
     run = trainer.run
     if run.best_epoch is None:
         raise FloatingPointError(
             f"validation {config.monitor} was never finite in {run.epoch} epochs; no best checkpoint"
         )
-    model.load_state_dict(read_checkpoint(trainer.best_path)["model"])
+    sync.barrier()  # rank 0 has written best.pt
+    sync.load_model_state(read_checkpoint(trainer.best_path)["model"])
     return FitResult(best_metrics=dict(run.best_metrics), best_epoch=run.best_epoch,
                      history=[dict(row) for row in run.history], run_dir=run_dir,
                      best_checkpoint=trainer.best_path)

@@ -8,9 +8,13 @@ it, the folder is held: ``fcntl.flock`` on ``<run>/.lock`` (the holder's pid wri
 the message), so a second job is refused, and the kernel releases the lock when the holder exits
 or is killed (kill -9 included); the ``.lock`` file itself stays. Readers (`open_run`) take no lock:
 checkpoints are replaced atomically, so eval of a run still training reads its last complete one.
-A job of several processes holds its folder once: the launcher, or rank 0 alone, calls `start_run`.
+A job of several processes (torchrun: RANK / WORLD_SIZE in the environment) holds its folder once:
+every rank calls `start_run`, rank 0 alone checks, creates, locks and cleans the folder and writes
+config.json, then tells the other ranks (a broadcast on the default process group) that the run
+started, or why it did not; ranks > 0 never create, lock or write anything in it.
 
-Standard library only (no torch), so a CLI can check a folder before any heavy import.
+Standard library only (torch is imported only under torchrun), so a CLI can check a folder before
+any heavy import.
 """
 
 from __future__ import annotations
@@ -68,6 +72,24 @@ class RunInfo:
                 "(still in its first one, or stopped before its end); wait for it, or train it again"
             )
         return path
+
+
+def launch_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process under torchrun (RANK / WORLD_SIZE), else ``(0, 1)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return (int(os.environ.get("RANK", "0") or 0), world) if world > 1 else (0, 1)
+
+
+def _share_outcome(message: str | None) -> str | None:
+    """Rank 0's ``message`` (None: the run started) on every rank of the torchrun job."""
+    import torch.distributed as dist
+
+    from moe_apps.training.distributed import current_context
+
+    current_context()  # the process group, once
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _fix(app: str) -> str:
@@ -166,9 +188,10 @@ def check_run_folder(out_dir: str | Path, *, app: str, resume: bool = False) -> 
     no checkpoint (killed in its first epoch), which starts over. ``resume``: ``out_dir`` must
     hold a run of ``app`` with a checkpoints/last.pt; its `RunInfo` is returned (the saved config,
     to lay overrides on, and its data folder). Either way: RunError if another job holds it.
-    Apps call this before loading data, so that a bad --out fails fast.
+    Apps call this before loading data, so that a bad --out fails fast. Under torchrun only rank 0
+    probes the lock (the other ranks would find it held by rank 0).
     """
-    return _check(Path(out_dir), app=app, resume=resume, probe_lock=True)
+    return _check(Path(out_dir), app=app, resume=resume, probe_lock=launch_rank()[0] == 0)
 
 
 def _check(run_dir: Path, *, app: str, resume: bool, probe_lock: bool) -> RunInfo | None:
@@ -239,11 +262,46 @@ def start_run(out_dir: str | Path, *, app: str, config: Mapping[str, Any] | None
     ``resume`` checkpoints/last.pt is read and its digest verified (RunError if it fails);
     ``config.json`` is written with ``config`` (on ``resume``, the saved config is kept when
     ``config`` is None, else replaced by it: the caller checked that the overrides are compatible).
-    OSErrors (a folder that cannot be written) become RunError naming the path.
+    OSErrors (a folder that cannot be written) become RunError naming the path. Under torchrun
+    ranks > 0 wait for rank 0 to do all this and get the same `RunInfo` (module docstring).
     """
     if not isinstance(app, str) or not app:
         raise ValueError(f"app must be the app's name such as 'recsys', got {app!r}")
-    run_dir = Path(out_dir)
+    rank, world = launch_rank()
+    if rank > 0:
+        problem = _share_outcome(None)
+        if problem is not None:
+            raise RunError(f"rank 0 could not start the run ({problem})")
+        saved = open_run(out_dir, app=app) if resume else None
+        yield _run_info(Path(out_dir), app, config, data_root, saved)
+        return
+    try:
+        fd, saved = _hold(Path(out_dir), app=app, config=config, data_root=data_root, resume=resume)
+    except BaseException as error:
+        if world > 1:
+            _share_outcome(str(error) or type(error).__name__)
+        raise
+    try:
+        if world > 1:
+            _share_outcome(None)
+        yield _run_info(Path(out_dir), app, config, data_root, saved)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _run_info(run_dir: Path, app: str, config: Mapping[str, Any] | None, data_root: str | Path | None,
+              saved: RunInfo | None) -> RunInfo:
+    if config is not None:
+        root = data_root if data_root is not None else (saved.data_root if saved else None)
+        return RunInfo(run_dir, app, json.loads(json.dumps(dict(config), default=str)),
+                       Path(root) if root is not None else None)
+    assert saved is not None
+    return saved if data_root is None else dataclasses.replace(saved, data_root=Path(data_root))
+
+
+def _hold(run_dir: Path, *, app: str, config: Mapping[str, Any] | None, data_root: str | Path | None,
+          resume: bool) -> tuple[int, RunInfo | None]:
+    """`start_run`'s work on rank 0: the open, locked descriptor of ``.lock`` and the saved run."""
     saved = check_run_folder(run_dir, app=app, resume=resume)
     if not resume and config is None:
         raise ValueError("start_run needs the run's config for a fresh run")
@@ -270,14 +328,10 @@ def start_run(out_dir: str | Path, *, app: str, config: Mapping[str, Any] | None
         if config is not None:
             root = data_root if data_root is not None else (saved.data_root if saved else None)
             write_run_config(run_dir, app=app, config=config, data_root=root)
-            info = RunInfo(run_dir, app, json.loads(json.dumps(dict(config), default=str)),
-                           Path(root) if root is not None else None)
-        else:
-            assert saved is not None
-            info = saved if data_root is None else dataclasses.replace(saved, data_root=Path(data_root))
-        yield info
-    finally:
-        os.close(fd)  # releases the flock
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, saved
 
 
 # ----- CLI overrides onto frozen configs ---------------------------------------------------------
