@@ -164,17 +164,22 @@ def translate_command(
 
     loaded = guard(lambda: load_run(run, device=device or "auto", average=average))
     lines = [text] if text is not None else guard(lambda: split_lines(typer.get_binary_stream("stdin").read(), "stdin"))
-    result = guard(lambda: translate_lines(loaded, lines, beam=beam))
-    if result.truncated:
-        _warn(f"{result.truncated} lines were longer than {loaded.config.model.max_source_tokens - 1} "
-              "subwords and were truncated")
     if show_routing and not loaded.model.moe_layers():
         _warn("this run's model is dense: it has no MoE layers to show")
         show_routing = False
-    for i, line in enumerate(result.lines):
-        typer.echo(line)
-        if show_routing and result.source_ids[i]:
-            _print_routing(routing_of(loaded, result.source_ids[i], result.ids[i]))
+    # --show-routing decodes each line alone: the routing shown is the sentence's alone, and what an
+    # expert-choice encoder picks depends on the other sentences of a batch
+    chunks = [[line] for line in lines] if show_routing else [lines]
+    results = [guard(lambda chunk=chunk: translate_lines(loaded, chunk, beam=beam)) for chunk in chunks]
+    truncated = sum(result.truncated for result in results)
+    if truncated:
+        _warn(f"{truncated} lines were longer than {loaded.config.model.max_source_tokens - 1} "
+              "subwords and were truncated")
+    for result in results:
+        for i, line in enumerate(result.lines):
+            typer.echo(line)
+            if show_routing and result.source_ids[i]:
+                _print_routing(routing_of(loaded, result.source_ids[i], result.ids[i]))
 
 
 def _print_routing(routing: dict[str, Any]) -> None:

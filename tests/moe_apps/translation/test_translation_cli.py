@@ -80,7 +80,9 @@ def test_another_apps_run_folder_is_refused(tmp_path: Path) -> None:
     other = tmp_path / "recsys-run"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"app": "recsys", "config": {}, "format": 1}))
-    for command in (["eval", str(other)], ["translate", str(other), "Ein Hund."]):
+    for command in (["eval", str(other)], ["translate", str(other), "Ein Hund."],
+                    ["eval", str(other), "--average", "2"],
+                    ["train", "--preset", "smoke", "--resume", "--out", str(other)]):
         result = runner.invoke(app, ["translation", *command])
         assert result.exit_code == 1 and "recsys" in result.output, result.output
         assert len(result.output.strip().splitlines()) == 1
@@ -133,30 +135,67 @@ def test_show_routing_lists_experts_per_subword_and_layer(smoke_run: Path) -> No
     assert "layer 0" in result.output and "</s>" in result.output
 
 
-def test_show_routing_is_the_routing_the_translation_used(smoke_run: Path, multi30k_root: Path) -> None:
-    """Record every MoE layer's experts while greedy decoding runs (encoder once, decoder one cached
-    step per token) and compare with what --show-routing computes for the same sentence."""
-    from moe_apps.translation.data import read_text_lines
+def _used_and_shown(run: Path, sentences: list[str]) -> list[tuple[dict, dict]]:
+    """Per sentence: every MoE layer's experts recorded while greedy decoding ran (the encoder once,
+    the decoder one cached step per token), and what --show-routing computes for it."""
     from moe_apps.translation.inference import load_run, routing_of, translate_lines
 
-    loaded = load_run(smoke_run)
+    loaded = load_run(run)
     used: dict[str, list[list[int]]] = {}
-    hooks = [ffn.inner.register_forward_hook(
-        lambda _m, _i, out, name=name: used.setdefault(name, []).extend(out.routing.expert_indices_TK.tolist()))
-        for name, ffn in loaded.model.moe_layers()]
-    sentences = read_text_lines(multi30k_root / "multi30k" / "train.de.gz")[:40]
+
+    def record(name: str, x_BND, output) -> None:
+        routing = output.routing
+        if routing.expert_indices_TK is not None:
+            used.setdefault(name, []).extend(routing.expert_indices_TK.tolist())
+        else:  # expert choice: the experts whose chosen tokens include t, expert by expert
+            chosen = routing.token_indices_EC.tolist()
+            tokens = range(x_BND.shape[0] * x_BND.shape[1])  # one sentence: no padding
+            used.setdefault(name, []).extend([e for e, row in enumerate(chosen) if t in row] for t in tokens)
+
+    hooks = [ffn.inner.register_forward_hook(lambda _m, args, out, name=name: record(name, args[0], out))
+             for name, ffn in loaded.model.moe_layers()]
+    pairs = []
     try:
         for sentence in sentences:
             used.clear()
             result = translate_lines(loaded, [sentence], beam=1)
             recorded = {name: list(rows) for name, rows in used.items()}
-            used.clear()
-            shown = routing_of(loaded, result.source_ids[0], result.ids[0])
-            assert shown["layers"] == recorded, sentence
-            assert len(shown["layers"]["decoder.0"]) == len(result.ids[0]) + 1  # eos included
+            shown = routing_of(loaded, result.source_ids[0], result.ids[0])["layers"]
+            assert len(shown["decoder.0"]) == len(result.ids[0]) + 1  # eos included
+            pairs.append((recorded, shown))
     finally:
         for hook in hooks:
             hook.remove()
+    return pairs
+
+
+def test_show_routing_is_the_routing_the_translation_used(smoke_run: Path, multi30k_root: Path) -> None:
+    from moe_apps.translation.data import read_text_lines
+
+    sentences = read_text_lines(multi30k_root / "multi30k" / "train.de.gz")[:40]
+    for recorded, shown in _used_and_shown(smoke_run, sentences):
+        assert shown == recorded
+
+
+def test_show_routing_of_an_expert_choice_encoder(multi30k_root: Path, tmp_path: Path) -> None:
+    from moe_apps.translation.data import read_text_lines
+
+    out = tmp_path / "ec"
+    result = runner.invoke(app, ["translation", "train", "--preset", "smoke", "--router", "expert-choice",
+                                 "--epochs", "1", "--out", str(out), "--data-dir", str(multi30k_root),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    sentences = read_text_lines(multi30k_root / "multi30k" / "val.de.gz")[:8]
+    pairs = _used_and_shown(out, sentences)
+    for recorded, shown in pairs:
+        assert shown["decoder.0"] == recorded["decoder.0"]  # the causal decoder is token choice
+        assert [sorted(e) for e in shown["encoder.0"]] == recorded["encoder.0"]
+    # expert choice: a token may get more or fewer than 2 experts
+    assert any(len(e) != 2 for recorded, _ in pairs for e in recorded["encoder.0"])
+    shown = runner.invoke(app, ["translation", "translate", str(out), "--show-routing"],
+                          input="\n".join(sentences[:2]) + "\n")
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.count("encoder experts") == 2 and shown.stdout.count("decoder experts") == 2
 
 
 def test_train_refuses_an_existing_run_and_bad_options(smoke_run: Path, multi30k_root: Path) -> None:
