@@ -157,6 +157,7 @@ class DataConfig:
 
     @property
     def languages(self) -> tuple[str, str]:
+        """(source, target) language codes, e.g. ("de", "en")."""
         source, target = self.direction.split("-")
         return source, target
 
@@ -204,6 +205,7 @@ class TranslationConfig:
 
     @property
     def total_updates(self) -> int:
+        """Optimizer steps of the whole run: ``train.epochs * data.updates_per_epoch``."""
         return self.train.epochs * self.data.updates_per_epoch
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,6 +284,7 @@ PRESETS = {"default": default_preset, "compare": compare_preset, "smoke": smoke_
 
 
 def get_preset(name: str) -> TranslationConfig:
+    """The config of preset ``name``; ValueError naming the presets otherwise."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()

@@ -11,7 +11,8 @@ the batch (their cache rows are dropped), so the batch shrinks as it goes.
 ``use_cache=False`` recomputes the whole prefix at every step (the reference the cache is tested
 against; same outputs).
 
-Shape legend: B sentences, K beam, S source length, V vocabulary.
+Shape legend: B sentences, A those still decoding, K beam, R = A * K hypothesis rows, T prefix
+length, S source length, V vocabulary, X = K * V candidates of a sentence.
 """
 
 from __future__ import annotations
@@ -66,20 +67,20 @@ def greedy_decode(model: Seq2SeqTransformer, sources: Sequence[Sequence[int]], *
 def _greedy(model: Seq2SeqTransformer, sources: Sequence[Sequence[int]], max_len_a: float,
             max_len_b: int, use_cache: bool) -> list[list[int]]:
     device = next(model.parameters()).device
-    caps = torch.tensor(max_output_lengths([len(s) for s in sources], max_len_a, max_len_b), device=device)
+    caps_B = torch.tensor(max_output_lengths([len(s) for s in sources], max_len_a, max_len_b), device=device)
     stepper = _Stepper(model, source_batch(sources).to(device), 1, use_cache)
-    prefix = torch.full((len(sources), 1), BOS, dtype=torch.int64, device=device)
-    done = torch.zeros(len(sources), dtype=torch.bool, device=device)
-    for step in range(int(caps.max()) + 1):
-        best = stepper.log_probs(prefix).argmax(-1)
-        best = torch.where(done, torch.full_like(best, PAD), best)
-        best = torch.where(~done & (caps <= step), torch.full_like(best, EOS), best)
-        done |= best == EOS
-        prefix = torch.cat([prefix, best[:, None]], dim=1)
-        if bool(done.all()):
+    prefix_BT = torch.full((len(sources), 1), BOS, dtype=torch.int64, device=device)
+    done_B = torch.zeros(len(sources), dtype=torch.bool, device=device)
+    for step in range(int(caps_B.max()) + 1):
+        best_B = stepper.log_probs(prefix_BT).argmax(-1)
+        best_B = torch.where(done_B, torch.full_like(best_B, PAD), best_B)
+        best_B = torch.where(~done_B & (caps_B <= step), torch.full_like(best_B, EOS), best_B)
+        done_B |= best_B == EOS
+        prefix_BT = torch.cat([prefix_BT, best_B[:, None]], dim=1)
+        if bool(done_B.all()):
             break
     out = []
-    for row in prefix[:, 1:].tolist():
+    for row in prefix_BT[:, 1:].tolist():
         out.append(row[: row.index(EOS)] if EOS in row else [t for t in row if t != PAD])
     return out
 
@@ -103,28 +104,28 @@ def _beam(model: Seq2SeqTransformer, sources: Sequence[Sequence[int]], beam: int
     B, K = len(sources), beam
     caps = max_output_lengths([len(s) for s in sources], max_len_a, max_len_b)
     stepper = _Stepper(model, source_batch(sources).to(device), K, use_cache)
-    prefix = torch.full((B * K, 1), BOS, dtype=torch.int64, device=device)
-    scores = torch.full((B, K), -math.inf, device=device)
-    scores[:, 0] = 0.0  # all beams start equal: keep one so the first step does not repeat it
+    prefix_RT = torch.full((B * K, 1), BOS, dtype=torch.int64, device=device)
+    scores_AK = torch.full((B, K), -math.inf, device=device)
+    scores_AK[:, 0] = 0.0  # all beams start equal: keep one so the first step does not repeat it
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     active = list(range(B))  # sentence of each row-block
     step = 0
     while active:
         A = len(active)
-        logp = stepper.log_probs(prefix).view(A, K, -1)
-        V = logp.shape[-1]
-        logp[:, :, PAD] = -math.inf
-        logp[:, :, BOS] = -math.inf
-        at_cap = torch.tensor([step >= caps[s] for s in active], device=device)
-        if bool(at_cap.any()):  # only eos is allowed once a sentence reaches its cap
-            forced = torch.full_like(logp[at_cap], -math.inf)
+        logp_AKV = stepper.log_probs(prefix_RT).view(A, K, -1)
+        V = logp_AKV.shape[-1]
+        logp_AKV[:, :, PAD] = -math.inf
+        logp_AKV[:, :, BOS] = -math.inf
+        at_cap_A = torch.tensor([step >= caps[s] for s in active], device=device)
+        if bool(at_cap_A.any()):  # only eos is allowed once a sentence reaches its cap
+            forced = torch.full_like(logp_AKV[at_cap_A], -math.inf)
             forced[..., EOS] = 0.0
-            logp[at_cap] = logp[at_cap] + forced
-        total = (scores[:, :, None] + logp).view(A, K * V)
-        top_scores, top_index = total.topk(2 * K, dim=1)
-        top_scores, top_index = top_scores.tolist(), top_index.tolist()
+            logp_AKV[at_cap_A] = logp_AKV[at_cap_A] + forced
+        total_AX = (scores_AK[:, :, None] + logp_AKV).view(A, K * V)
+        top_scores_A2K, top_index_A2K = total_AX.topk(2 * K, dim=1)
+        top_scores, top_index = top_scores_A2K.tolist(), top_index_A2K.tolist()
         keep_rows, keep_tokens, keep_scores, still, kept_blocks = [], [], [], [], []
-        prefix_rows = prefix.tolist()
+        prefix_rows = prefix_RT.tolist()
         for a, sentence in enumerate(active):
             chosen: list[tuple[int, int, float]] = []
             for rank, (score, flat) in enumerate(zip(top_scores[a], top_index[a], strict=True)):
@@ -150,14 +151,14 @@ def _beam(model: Seq2SeqTransformer, sources: Sequence[Sequence[int]], beam: int
         active = still
         if not active:
             break
-        rows = torch.tensor(keep_rows, device=device)
+        rows_R = torch.tensor(keep_rows, device=device)
         if len(still) == A:
-            stepper.keep(rows, None)  # same sentences: the source keys/values stay as they are
+            stepper.keep(rows_R, None)  # same sentences: the source keys/values stay as they are
         else:
             blocks = [a * K + j for a in kept_blocks for j in range(K)]
-            stepper.keep(rows, torch.tensor(blocks, device=device))
-        prefix = torch.cat([prefix.index_select(0, rows),
+            stepper.keep(rows_R, torch.tensor(blocks, device=device))
+        prefix_RT = torch.cat([prefix_RT.index_select(0, rows_R),
                             torch.tensor(keep_tokens, device=device)[:, None]], dim=1)
-        scores = torch.tensor(keep_scores, device=device)
+        scores_AK = torch.tensor(keep_scores, device=device)
         step += 1
     return [max(hyps, key=lambda h: h[0])[1] if hyps else [] for hyps in finished]

@@ -220,14 +220,14 @@ def routing_of(run: LoadedRun, source_ids: list[int], output_ids: list[int]) -> 
     from moe_apps.translation.vocab import BOS, EOS
 
     model, device = run.model, next(run.model.parameters()).device
-    src = pad_rows([list(source_ids) + [EOS]]).to(device)
-    tgt_in = pad_rows([[BOS] + list(output_ids)]).to(device)
+    src_BS = pad_rows([list(source_ids) + [EOS]]).to(device)
+    tgt_in_BT = pad_rows([[BOS] + list(output_ids)]).to(device)
     layers = model.moe_layers()
     for _, ffn in layers:
         ffn.record_routing = True
     try:
         with autocast(device, run.config.train.precision):
-            model(TranslationBatch(src, tgt_in, tgt_in))
+            model(TranslationBatch(src_BS, tgt_in_BT, tgt_in_BT))
         table = {name: _experts_per_token(*ffn.last_routing) for name, ffn in layers}
     finally:
         for _, ffn in layers:

@@ -68,10 +68,10 @@ class Attention(nn.Module):
                 causal: bool = False) -> Tensor:
         q_BHNd = self._heads(self.query(x_BND))
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q_BHNd, k_BHMd.to(q_BHNd.dtype), v_BHMd.to(q_BHNd.dtype),
-                                           attn_mask=mask, dropout_p=p, is_causal=causal)
-        B, _, N, _ = y.shape
-        return self.out(y.transpose(1, 2).reshape(B, N, -1))
+        y_BHNd = F.scaled_dot_product_attention(q_BHNd, k_BHMd.to(q_BHNd.dtype), v_BHMd.to(q_BHNd.dtype),
+                                                attn_mask=mask, dropout_p=p, is_causal=causal)
+        B, _, N, _ = y_BHNd.shape
+        return self.out(y_BHNd.transpose(1, 2).reshape(B, N, -1))
 
 
 class FeedForward(nn.Module):
@@ -99,6 +99,8 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
+    """Pre-LN encoder block: ``x + attn(LN(x))``, then ``x + ffn(LN(x))`` (dense or MoE)."""
+
     def __init__(self, config: ModelConfig, ffn: FeedForward) -> None:
         super().__init__()
         D = config.d_model
@@ -114,6 +116,9 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-LN decoder block: causal self-attention (keys/values cached when decoding), attention to
+    the source, then the feed-forward block (dense or causal dropless MoE)."""
+
     def __init__(self, config: ModelConfig, ffn: FeedForward) -> None:
         super().__init__()
         D = config.d_model
