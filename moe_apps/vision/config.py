@@ -177,19 +177,29 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> VisionConfig:
-        """The inverse of `to_dict` (JSON lists back to tuples); unknown keys are a ValueError."""
-        if not isinstance(raw, dict):
-            raise ValueError(f"a vision config must be a JSON object, got {type(raw).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown vision config keys: {', '.join(unknown)}")
-        model = dict(raw.get("model", {}))
+        """The inverse of `to_dict` (JSON lists back to tuples); anything that does not make a
+        valid config (unknown keys at any level, a part that is not an object, a value of the
+        wrong type or range) is a ValueError."""
+        top = _object(raw, cls, "vision config")
+        model = _object(top.pop("model", {}), ModelConfig, "vision config 'model'")
+        recipe = _object(top.pop("recipe", {}), RecipeConfig, "vision config 'recipe'")
         for key in ("widths", "expert_stages"):
-            if key in model:
+            if isinstance(model.get(key), list):
                 model[key] = tuple(model[key])
-        top = {k: v for k, v in raw.items() if k not in ("model", "recipe")}
-        return cls(model=ModelConfig(**model), recipe=RecipeConfig(**raw.get("recipe", {})), **top)
+        try:
+            return cls(model=ModelConfig(**model), recipe=RecipeConfig(**recipe), **top)
+        except TypeError as error:  # e.g. a number where a list belongs
+            raise ValueError(f"invalid vision config ({error})") from error
+
+
+def _object(value: Any, kind: type, name: str) -> dict[str, Any]:
+    """A copy of ``value`` if it is a dict with only ``kind``'s field names, else ValueError."""
+    if not isinstance(value, dict):
+        raise ValueError(f"a {name} must be a JSON object, got {type(value).__name__}")
+    unknown = sorted(map(str, set(value) - {f.name for f in fields(kind)}))
+    if unknown:
+        raise ValueError(f"unknown {name} keys: {', '.join(unknown)}")
+    return dict(value)
 
 
 def default_preset() -> VisionConfig:

@@ -145,12 +145,21 @@ def _write_json(path: Path, payload: Any) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def saved_config(run_dir: str | Path, raw: Any) -> VisionConfig:
+    """The `VisionConfig` of a run's config.json; RunError naming the file if it is not one."""
+    try:
+        return VisionConfig.from_dict(raw)
+    except ValueError as error:
+        raise RunError(f"{Path(run_dir) / 'config.json'} does not hold a valid vision config "
+                       f"({error}); the run folder is damaged or from another version") from error
+
+
 def resolve_resume(out_dir: Path, overrides: dict[str, Any]) -> tuple[VisionConfig, Path | None]:
     """The saved config of the run in ``out_dir`` with ``overrides`` (`with_overrides` names) laid
     on it; ValueError if an override other than epochs / device changes it."""
     info = check_run_folder(out_dir, app=APP, resume=True)
     assert info is not None
-    saved = VisionConfig.from_dict(info.config)
+    saved = saved_config(out_dir, info.config)
     laid = with_overrides(saved, **overrides)
     free = {k: v for k, v in overrides.items() if k in RESUME_FREE}
     if laid != with_overrides(saved, **free):
@@ -232,7 +241,7 @@ class LoadedRun:
 def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     """Open a vision run and load its best checkpoint (RunError / ValueError on any problem)."""
     info = open_run(run_dir, app=APP)
-    config = VisionConfig.from_dict(info.config)
+    config = saved_config(run_dir, info.config)
     model = build_model(config.model)
     model.channels_last = config.recipe.channels_last
     load_checkpoint(info.checkpoint("best"), model, app=APP, model_config=model_config_dict(config))

@@ -136,6 +136,29 @@ def test_not_a_run_and_corrupted_checkpoint(trained: Path, tmp_path: Path) -> No
     assert result.exit_code == 1 and "best.pt" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("damage", [
+    lambda c: c["model"].update(kernel=5),  # a key this version does not know
+    lambda c: c.update(recipe="fast"),  # not an object
+    lambda c: c["model"].update(top_k=9),  # an impossible config
+])
+def test_a_damaged_config_json_is_refused_in_one_line(trained: Path, tmp_path: Path, cifar_data: Path,
+                                                      damage) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    saved = json.loads((copy / "config.json").read_text())
+    damage(saved["config"])
+    (copy / "config.json").write_text(json.dumps(saved))
+    for args in (["eval", str(copy), "--data-dir", str(cifar_data)],
+                 ["predict", str(copy), str(tmp_path / "x.png")],
+                 ["train", "--preset", "smoke", "--out", str(copy), "--resume", "--data-dir", str(cifar_data)]):
+        result = runner.invoke(app, ["vision", *args])
+        assert result.exit_code == 1, (args, result.output)
+        assert "Traceback" not in result.output and "config.json" in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
 def _train_cmd(out: Path, data: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "moe_apps.cli", "vision", "train", "--preset", "smoke", "--out", str(out),
             "--data-dir", str(data), "--no-progress", *extra]
