@@ -175,13 +175,15 @@ def read_text_lines(path: str | Path) -> list[str]:
 def split_lines(raw: bytes, name: str | Path) -> list[str]:
     """The lines of UTF-8 ``raw`` (a file's or stdin's bytes): split at "\n" only, so a form feed
     or U+2028 inside a line stays in it (`str.splitlines` would cut there and misalign outputs with
-    inputs), a trailing "\r" dropped, no empty last line after a final newline. A one-line
-    ValueError naming ``name`` and the line when the bytes are not UTF-8."""
+    inputs), a trailing "\r" dropped, no empty last line after a final newline, a leading
+    byte-order mark dropped. A one-line ValueError naming ``name`` and the line when the bytes are
+    not UTF-8."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise ValueError(f"{name} is not UTF-8 text (line {line}, byte {error.start}); convert it to "
+        line = error.object[: error.start].count(b"\n") + 1  # error.object: the bytes after a BOM
+        byte = error.start + len(raw) - len(error.object)
+        raise ValueError(f"{name} is not UTF-8 text (line {line}, byte {byte}); convert it to "
                          "UTF-8, e.g. with iconv") from error
     lines = text.split("\n")
     if lines and lines[-1] == "":

@@ -71,6 +71,9 @@ def test_text_files_plain_gzip_and_errors(tmp_path: Path) -> None:
         read_text_lines(bad)
     with pytest.raises(ValueError, match="cannot read"):
         read_text_lines(tmp_path / "missing.txt")
+    bom = tmp_path / "e.txt"  # Windows editors start UTF-8 files with a byte-order mark
+    bom.write_bytes(b"\xef\xbb\xbfeins\r\nzwei\r\n")
+    assert read_text_lines(bom) == ["eins", "zwei"]
     broken = tmp_path / "d.gz"
     broken.write_bytes(gzip.compress(b"x\n")[:-4])
     with pytest.raises(ValueError, match="gzip"):
