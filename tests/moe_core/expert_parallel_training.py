@@ -146,3 +146,33 @@ def train_worker(rank: int, world: int, out_dir: str) -> None:
     except ValueError as err:
         results["wrong_model"] = str(err)
     torch.save(results, os.path.join(out_dir, f"train_rank{rank}.pt"))
+
+
+def subgroup_worker(rank: int, world: int, out_dir: str) -> None:
+    """World 4 as 2 expert-parallel groups of 2 ranks ({0, 1}, {2, 3}; replicas {0, 2}, {1, 3}):
+    one SGD-with-momentum step of the ``ep`` model on this rank's quarter of the batch with
+    `average_gradients`; saves the synchronised gradients and the full checkpoint after the step
+    (SGD, not Adam: Adam's first step is lr * sign(grad) for gradients near 0, which turns rounding
+    differences of 1e-9 into 1e-2)."""
+    from moe_core.expert_parallel import to_expert_parallel
+    from moe_core.expert_parallel_state import (
+        average_gradients,
+        expert_parallel_groups,
+        full_optimizer_state_dict,
+        full_state_dict,
+    )
+
+    group, replica = expert_parallel_groups(2)
+    model = to_expert_parallel(build("ep"), group, replica)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    share = BATCH // world
+    x, y = batch(0)
+    task, aux = losses(model, x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])
+    optimizer.zero_grad()
+    (task + aux).backward()
+    average_gradients(model)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    state = {"model": full_state_dict(model), "optimizer": full_optimizer_state_dict(model, optimizer)}
+    torch.save({"grads": grads, "state": state, "expert_range": model.moe.expert_range},
+               os.path.join(out_dir, f"subgroup_rank{rank}.pt"))
