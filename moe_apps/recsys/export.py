@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from moe_apps.recsys.data import ITEM_SIDE, USER_SIDE, Features, candidate_batch
 from moe_apps.recsys.model import SingleTaskModels
-from moe_apps.recsys.ranking import ranking_score, ranking_score_name
+from moe_apps.recsys.ranking import ranking_score, ranking_score_name, sampling_odds_ratio
 
 FORMAT = 1
 PROGRAM = "model.pt2"
@@ -66,11 +66,14 @@ class ServingRecommender(nn.Module):
     """
 
     def __init__(self, model: nn.Module, features: Features, tasks: Sequence[Any],
-                 user_raw_ids: np.ndarray, item_raw_ids: np.ndarray) -> None:
+                 user_raw_ids: np.ndarray, item_raw_ids: np.ndarray,
+                 odds_ratio_U: Tensor | None = None) -> None:
         super().__init__()
         model = copy.deepcopy(model).eval().requires_grad_(False)  # the caller's model is left alone
         self.tasks = tuple(tasks)
         self.nets = nn.ModuleList(model.nets if isinstance(model, SingleTaskModels) else [model])
+        self.register_buffer("odds_ratio", torch.ones(len(user_raw_ids)) if odds_ratio_U is None
+                             else odds_ratio_U.float().clone())
         self.register_buffer("user_index", _id_index(user_raw_ids))
         self.register_buffer("item_index", _id_index(item_raw_ids))
         batch = candidate_batch(features, torch.arange(len(user_raw_ids)), torch.arange(len(item_raw_ids)),
@@ -106,7 +109,7 @@ class ServingRecommender(nn.Module):
                       | {f: item_NSD[:, s] for s, f in enumerate(ITEM_SIDE)})
             bias_NT = getattr(self, f"user_bias_{k}")[u_N] + getattr(self, f"item_bias_{k}")[i_N]
             outputs.append(net.from_encoded(*net.encoder.combine(pooled, bias_NT, dense_NF)).predictions_BT)
-        scores_N = ranking_score(torch.cat(outputs, 1), self.tasks)
+        scores_N = ranking_score(torch.cat(outputs, 1), self.tasks, self.odds_ratio[u_N])
         return torch.where(user_known & item_known_N, scores_N, torch.full_like(scores_N, float("nan")))
 
 
@@ -121,15 +124,16 @@ class ExportInfo:
 
 def export_model(model: nn.Module, features: Features, tasks: Sequence[Any], user_raw_ids: np.ndarray,
                  item_raw_ids: np.ndarray, out_dir: str | Path, *,
-                 extra: dict[str, Any] | None = None) -> ExportInfo:
-    """Export ``model`` into a new folder ``out_dir`` (``model.pt2`` + ``export.json``).
+                 odds_ratio_U: Tensor | None = None, extra: dict[str, Any] | None = None) -> ExportInfo:
+    """Export ``model`` into a new folder ``out_dir`` (``model.pt2`` + ``export.json``);
+    ``odds_ratio_U``: each user's `sampling_odds_ratio` for the ranking score (None = ones).
 
     FileExistsError if ``out_dir`` exists (nothing is overwritten); the folder is built under a
     temporary name next to it and renamed when complete."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose a new export folder (nothing was written)")
-    serving = ServingRecommender(model, features, tasks, user_raw_ids, item_raw_ids).eval()
+    serving = ServingRecommender(model, features, tasks, user_raw_ids, item_raw_ids, odds_ratio_U).eval()
     example = (torch.tensor(int(user_raw_ids[0])), torch.as_tensor(item_raw_ids[:3], dtype=torch.int64))
     movies = torch.export.Dim("movies", min=1, max=1 << 30)
     with torch.no_grad():
@@ -163,6 +167,7 @@ def export_model(model: nn.Module, features: Features, tasks: Sequence[Any], use
 def export_run(loaded: Any, out_dir: str | Path) -> ExportInfo:
     """Export a loaded run (`moe_apps.recsys.train.LoadedRun`: config, model, run data)."""
     config, run = loaded.config, loaded.run
+    odds_ratio_U = sampling_odds_ratio(run.fit, len(run.data.users), len(run.data.items), config.negatives)
     return export_model(loaded.model, run.features, config.model.tasks, run.data.users.raw_id,
-                        run.data.items.raw_id, out_dir,
+                        run.data.items.raw_id, out_dir, odds_ratio_U=odds_ratio_U,
                         extra={"model": config.model.model, "dataset": config.dataset, "split": config.split})

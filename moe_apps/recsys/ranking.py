@@ -19,6 +19,14 @@ The liked-only variant (``liked_ndcg@10`` ...) counts as relevant only the test 
 P(rate) x P(like | rate) for the ESMM-style task mix (Ma et al. 2018, "Entire Space Multi-Task
 Model"), else the like-probability (else the first binary task, else the first task).
 
+P(rate) is learned on sampled negatives (``negatives`` unrated movies per rating), so the network
+estimates it under a prior of 1 / (1 + negatives) per user, far above the catalogue's. Before the
+product it is mapped back to the whole catalogue with the prior correction for sampled negatives
+(King & Zeng 2001, "Logistic Regression in Rare Events Data"): the odds are divided by
+``r_u = (I - n_u) / (negatives * n_u)``, n_u the user's fit ratings (`sampling_odds_ratio`). The
+order by P(rate) alone is unchanged; the product is not: uncorrected, a near-1 P(rate) leaves the
+order to P(like | rate), which lifts movies that their few raters liked.
+
 Shapes: U users (a chunk), I movies (the catalogue), K list length, T tasks.
 """
 
@@ -166,15 +174,35 @@ def full_ranking(score_users: Callable[[Tensor], Tensor], seen_UI: Tensor, relev
     return RankingResult(metrics)
 
 
-def ranking_score(predictions_BT: Tensor, tasks: Sequence) -> Tensor:
+def sampling_odds_ratio(fit: Ratings, num_users: int, num_items: int, negatives: int) -> Tensor:
+    """(U,) float: by how much training on ``negatives`` sampled unrated movies per rating of
+    ``fit`` inflates each user's odds of having rated a movie: the sampled odds are 1 / negatives,
+    the catalogue's n_u / (I - n_u), so ``r_u = (I - n_u) / (negatives * n_u)`` (n_u = the user's
+    ratings in ``fit``; a user without any counts as one). All ones when ``negatives`` is 0."""
+    if negatives == 0:
+        return torch.ones(num_users)
+    rated_U = torch.as_tensor(np.bincount(fit.user, minlength=num_users)).double().clamp(min=1.0)
+    return ((num_items - rated_U).clamp(min=0.0) / (negatives * rated_U)).float()
+
+
+def catalogue_rate_probability(p_rate_B: Tensor, odds_ratio_B: Tensor | float) -> Tensor:
+    """P(rate) learned on sampled negatives -> P(rate) over the whole catalogue: the odds divided
+    by the user's `sampling_odds_ratio` (prior correction, King & Zeng 2001)."""
+    return p_rate_B / (p_rate_B + (1.0 - p_rate_B) * odds_ratio_B)
+
+
+def ranking_score(predictions_BT: Tensor, tasks: Sequence, odds_ratio_B: Tensor | float = 1.0) -> Tensor:
     """The score that orders a top-K list, from per-task predictions (tasks: `TaskSpec`s).
 
     P(rate) x P(like | rate) when the tasks hold an implicit ``rated`` task and a ``like`` one
-    (ESMM's pCTCVR = pCTR x pCVR), else P(like), else the first binary task, else the first task."""
+    (ESMM's pCTCVR = pCTR x pCVR; P(rate) corrected to the whole catalogue with each row's user's
+    ``odds_ratio_B``, see `sampling_odds_ratio`; 1 = as learned), else P(like), else the first
+    binary task, else the first task."""
     targets = [t.target for t in tasks]
     binary = [i for i, t in enumerate(tasks) if t.kind == "binary"]
     if RATE_TARGET in targets and "like" in targets:
-        return predictions_BT[:, targets.index(RATE_TARGET)] * predictions_BT[:, targets.index("like")]
+        p_rate_B = catalogue_rate_probability(predictions_BT[:, targets.index(RATE_TARGET)], odds_ratio_B)
+        return p_rate_B * predictions_BT[:, targets.index("like")]
     if "like" in targets:
         return predictions_BT[:, targets.index("like")]
     return predictions_BT[:, binary[0] if binary else 0]
@@ -184,7 +212,7 @@ def ranking_score_name(tasks: Sequence) -> str:
     """What `ranking_score` ranks by, in words (for reports)."""
     targets = [t.target for t in tasks]
     if RATE_TARGET in targets and "like" in targets:
-        return "P(rate) x P(like | rate)"
+        return "P(rate) x P(like | rate), P(rate) corrected for sampled negatives"
     if "like" in targets:
         return "P(like)"
     binary = [t.name for t in tasks if t.kind == "binary"]
@@ -212,11 +240,13 @@ def predict_catalogue(model: torch.nn.Module, features: Features, user_U: Tensor
 
 def evaluate_ranking(model: torch.nn.Module, features: Features, tasks: Sequence, seen: Ratings,
                      relevant: Ratings, num_users: int, num_items: int, ks: Sequence[int] = KS,
-                     device: torch.device | str | None = None) -> dict[str, float]:
+                     device: torch.device | str | None = None,
+                     odds_ratio_U: Tensor | None = None) -> dict[str, float]:
     """Full-ranking metrics of ``model`` by its `ranking_score`: candidates = movies not in
     ``seen`` (the training part), relevant = ``relevant`` (the test or validation ratings), liked
     = those rated >= 4. A model with an implicit ``rated`` task and others also reports the list
     ranked by P(rate) alone, under the prefix ``by_rate_`` (from the same predictions).
+    ``odds_ratio_U``: each user's `sampling_odds_ratio` (None = 1, P(rate) as learned).
 
     The documented answer for a catalogue smaller than a K of ``ks``: that K is left out (a
     catalogue of fewer than ``min(ks)`` movies gives no ranking metrics); `full_ranking` itself
@@ -237,14 +267,16 @@ def evaluate_ranking(model: torch.nn.Module, features: Features, tasks: Sequence
     finally:
         model.train(was_training)
     targets = [t.target for t in tasks]
-    scores: dict[str, Callable[[Tensor], Tensor]] = {"": lambda p: ranking_score(p, tasks)}
+    odds_ratio_U = torch.ones(num_users) if odds_ratio_U is None else odds_ratio_U.float()
+    scores: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"": lambda p, r: ranking_score(p, tasks, r)}
     if RATE_TARGET in targets and len(tasks) > 1:
-        scores["by_rate_"] = lambda p: p[:, targets.index(RATE_TARGET)]
+        scores["by_rate_"] = lambda p, r: p[:, targets.index(RATE_TARGET)]
     metrics: dict[str, float] = {}
     for prefix, score in scores.items():
         def score_users(user_U: Tensor, score=score) -> Tensor:
             p_UIT = predictions_UIT[row_of[user_U]]
-            return score(p_UIT.reshape(-1, p_UIT.shape[-1])).view(len(user_U), num_items)
+            odds_ratio_B = odds_ratio_U[user_U].repeat_interleave(num_items)
+            return score(p_UIT.reshape(-1, p_UIT.shape[-1]), odds_ratio_B).view(len(user_U), num_items)
 
         result = full_ranking(score_users, seen_UI, relevant_UI, liked_UI, ks)
         metrics.update({f"{prefix}{k}": v for k, v in result.metrics.items()

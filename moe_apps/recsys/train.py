@@ -30,7 +30,7 @@ from moe_apps.recsys.config import OFFICIAL_SPLITS, RecsysConfig, get_preset, wi
 from moe_apps.recsys.data import Features, RecsysBatch, build_features, make_batch
 from moe_apps.recsys.implicit import held_out_batches, training_batches
 from moe_apps.recsys.model import build_model, count_parameters, gate_labels
-from moe_apps.recsys.ranking import evaluate_ranking, interaction_matrix, ranking_score
+from moe_apps.recsys.ranking import evaluate_ranking, interaction_matrix, ranking_score, sampling_odds_ratio
 from moe_apps.recsys.splits import protocol_parts
 from moe_apps.recsys.task import RecsysTask
 from moe_apps.training import fit, load_checkpoint, resolve_device, set_seed
@@ -98,7 +98,14 @@ def _ranking_metrics(model: nn.Module, config: RecsysConfig, run: RunData, relev
     """Full-ranking top-K metrics (`moe_apps.recsys.ranking`): every movie not rated in the
     training part is a candidate, ``relevant`` holds the test ratings."""
     return evaluate_ranking(model, run.features, config.model.tasks, run.train, relevant,
-                            len(run.data.users), len(run.data.items), device=device)
+                            len(run.data.users), len(run.data.items), device=device,
+                            odds_ratio_U=rate_odds_ratio(config, run))
+
+
+def rate_odds_ratio(config: RecsysConfig, run: RunData) -> torch.Tensor:
+    """(U,) each user's `sampling_odds_ratio`: the fit ratings drew ``config.negatives`` unrated
+    movies each, which inflates the odds P(rate) was learned at (1 when nothing was sampled)."""
+    return sampling_odds_ratio(run.fit, len(run.data.users), len(run.data.items), config.negatives)
 
 
 def _task(config: RecsysConfig) -> RecsysTask:
@@ -321,7 +328,9 @@ def recommend(loaded: LoadedRun, user_id: int, top: int = 10, task: str | None =
     batch = make_batch(run.features, tasks, torch.full_like(candidates, user), candidates, None)
     with torch.no_grad():
         predictions_BT = loaded.model(batch).predictions_BT.float()
-    score_B = ranking_score(predictions_BT, tasks) if task is None else predictions_BT[:, names.index(task)]
+    odds_ratio = rate_odds_ratio(config, run)[user]
+    score_B = (ranking_score(predictions_BT, tasks, odds_ratio) if task is None
+               else predictions_BT[:, names.index(task)])
     order = torch.argsort(score_B, descending=True, stable=True)[:top]
     return [
         Recommendation(int(run.data.items.raw_id[candidates[i]]), run.data.items.title[candidates[i]],

@@ -82,6 +82,30 @@ def test_exported_scores_equal_eager_in_a_process_without_moe_apps(kind: str, tm
     assert np.isnan(served[4][0]) and np.isnan(served[4][1]) and not np.isnan(served[4][2])
 
 
+def test_exported_ranking_mix_scores_use_each_users_sampling_correction(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from moe_apps.recsys.config import RATE
+    data, features, config, _ = _model("mmoe")
+    tasks = (RATE, *config.model.tasks)
+    torch.manual_seed(2)
+    model = build_model(replace(config.model, tasks=tasks)).eval()
+    odds_ratio_U = torch.linspace(0.5, 40.0, len(data.users.raw_id))
+    info = export_model(model, features, tasks, data.users.raw_id, data.items.raw_id, tmp_path / "out",
+                        odds_ratio_U=odds_ratio_U)
+    program = torch.export.load(str(info.program)).module()
+    for user in (1, 40):
+        u = int(np.flatnonzero(data.users.raw_id == user)[0])
+        i = torch.arange(len(data.items.raw_id))
+        with torch.no_grad():
+            p_BT = model(make_batch(features, tasks, torch.full_like(i, u), i, None)).predictions_BT
+            got = program(torch.tensor(user), torch.as_tensor(data.items.raw_id, dtype=torch.int64))
+        odds = p_BT[:, 0] / (1 - p_BT[:, 0]) / odds_ratio_U[u]
+        names = [t.target for t in tasks]
+        expected = odds / (1 + odds) * p_BT[:, names.index("like")]
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_existing_export_folder_is_refused(tmp_path: Path) -> None:
     data, features, config, model = _model("shared-bottom")
     (tmp_path / "out").mkdir()

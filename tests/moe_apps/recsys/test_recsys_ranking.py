@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_apps.recsys.config import LIKE, RATING
-from moe_apps.recsys.ranking import full_ranking, interaction_matrix, ranking_score
+from moe_apps.recsys.ranking import full_ranking, interaction_matrix, ranking_score, sampling_odds_ratio
 
 
 def reference(scores: np.ndarray, seen: np.ndarray, relevant: np.ndarray, k: int) -> dict[str, float]:
@@ -103,6 +103,26 @@ def test_ranking_score_is_rate_times_like_for_the_task_mix() -> None:
     p = torch.tensor([[0.5, 0.2, 3.0], [0.9, 0.8, 4.0]])
     torch.testing.assert_close(ranking_score(p, (rate, LIKE, RATING)), torch.tensor([0.1, 0.72]))
     torch.testing.assert_close(ranking_score(p[:, 1:], (LIKE, RATING)), torch.tensor([0.2, 0.8]))
+
+
+def test_sampling_odds_ratio_and_the_corrected_score_follow_bayes_rule() -> None:
+    # 3 users over a catalogue of 10 movies with 1, 4 and 0 fit ratings, 2 negatives per rating.
+    fit = SimpleNamespace(user=np.array([0, 1, 1, 1, 1]))
+    r = sampling_odds_ratio(fit, num_users=3, num_items=10, negatives=2)
+    torch.testing.assert_close(r, torch.tensor([9 / 2, 6 / 8, 9 / 2]))  # (I - n) / (neg * n), n >= 1
+    assert sampling_odds_ratio(fit, 3, 10, negatives=0).tolist() == [1.0, 1.0, 1.0]
+    # Independently: the sampled posterior's odds divided by r is the catalogue posterior's odds.
+    rate = SimpleNamespace(name="rate", kind="binary", target="rated")
+    p = torch.tensor([[0.8, 0.5, 3.0], [0.6, 0.9, 4.0], [0.8, 0.5, 3.0]])
+    score = ranking_score(p, (rate, LIKE, RATING), r)
+    for b in range(3):
+        odds = 0.8 / 0.2 if b != 1 else 0.6 / 0.4
+        corrected = odds / float(r[b])
+        assert math.isclose(float(score[b]), corrected / (1 + corrected) * float(p[b, 1]), rel_tol=1e-6)
+    # The correction can reorder the product: a near-certain P(rate) no longer hides in P(like).
+    q = torch.tensor([[0.99, 0.5, 0.0], [0.6, 0.9, 0.0]])
+    assert ranking_score(q, (rate, LIKE, RATING))[0] < ranking_score(q, (rate, LIKE, RATING))[1]
+    assert ranking_score(q, (rate, LIKE, RATING), 20.0)[0] > ranking_score(q, (rate, LIKE, RATING), 20.0)[1]
 
 
 class _TableModel(torch.nn.Module):

