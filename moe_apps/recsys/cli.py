@@ -132,7 +132,7 @@ def recommend_command(
     user: Annotated[int, typer.Option("--user", help="MovieLens user id (as in u.data).")],
     top: Annotated[int, typer.Option("--top", help="How many movies.")] = 10,
     task: Annotated[str | None, typer.Option(
-        "--task", help="Rank by this task (default: the run's ranking score, P(rate) x P(like | rate) or P(like)).")] = None,
+        "--task", help="Rank by this task (default: the run's ranking score, corrected P(rate) x P(like | rate), or P(like)).")] = None,
     min_ratings: Annotated[int, typer.Option("--min-ratings", help="Only movies with this many training ratings.")] = 10,
     data_dir: EvalDataDirOpt = None,
 ) -> None:

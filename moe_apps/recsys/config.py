@@ -294,7 +294,8 @@ def ml1m_preset() -> RecsysConfig:
 def ranking_preset() -> RecsysConfig:
     """The ESMM-style task mix for top-K lists (Ma et al. 2018): ``rate`` (did the user rate the
     movie; over the whole catalogue, one unrated movie drawn afresh per rating each epoch),
-    ``like`` given rated, and the rating; ranked by P(rate) x P(like | rate). MMoE with 6 experts of
+    ``like`` given rated, and the rating; ranked by P(rate) (corrected for the sampled negatives,
+    `moe_apps.recsys.ranking.sampling_odds_ratio`) x P(like | rate). MMoE with 6 experts of
     32 (PLE: one per task + 3 shared); `--model` swaps the bottom on the same features."""
     return RecsysConfig(
         model=ModelConfig(tasks=(RATE, LIKE, RATING), num_experts=6, expert_dim=32, dropout=0.3),
