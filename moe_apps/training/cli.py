@@ -181,19 +181,20 @@ def run_torchrun(nproc: int, program: list[str]) -> LaunchFailure | None:
 
 
 def _given_args(skip: set[str]) -> list[str]:
-    """The options of the running click command that were given (not defaulted), as argv."""
-    import click
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context()
+    """The options of the running Typer command that were given (not defaulted), as argv."""
+    try:  # typer >= 0.2x vendors click
+        from typer._click.globals import get_current_context
+    except ImportError:  # pragma: no cover - typer on click
+        from click import get_current_context
+    ctx = get_current_context()
     argv: list[str] = []
     for param in ctx.command.params:
         name = param.name or ""
         value = ctx.params.get(name)
-        if name in skip or value is None or ctx.get_parameter_source(name) in (
-                ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP):
+        source = ctx.get_parameter_source(name)
+        if name in skip or value is None or getattr(source, "name", "") in ("DEFAULT", "DEFAULT_MAP"):
             continue
-        if not isinstance(param, click.Option):
+        if param.param_type_name != "option":
             argv += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
         elif param.is_flag:
             if value or param.secondary_opts:

@@ -184,6 +184,11 @@ class RankSync:
     def is_main(self) -> bool:
         return self.ctx.is_main
 
+    def clip_grad_norm_(self, params: list[Tensor], max_norm: float) -> Tensor:
+        if self.dm is None:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return clip_grad_norm_(self.model, params, max_norm)
+
     # ----- data and random numbers -----------------------------------------------------------
     def steps_per_epoch(self, batches: int) -> int:
         if batches < self.ctx.world_size:

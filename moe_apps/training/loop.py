@@ -55,7 +55,6 @@ from moe_apps.training.config import FitResult, Task, TrainConfig
 from moe_apps.training.distributed import (
     Distribute,
     RankSync,
-    clip_grad_norm_,
     current_context,
     data_parallel_model,
     rank_device,
@@ -236,9 +235,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
-            clip = clip_grad_norm_ if self.sync.dm is not None else torch.nn.utils.clip_grad_norm_
-            args = (self.model, self.params) if self.sync.dm is not None else (self.params,)
-            self._add("grad_norm", clip(*args, self.config.grad_clip))
+            self._add("grad_norm", self.sync.clip_grad_norm_(self.params, self.config.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         if self.average is not None:

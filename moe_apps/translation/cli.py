@@ -21,12 +21,15 @@ from moe_apps.training.cli import (
     DataDirOpt,
     DeviceOpt,
     EpochsOpt,
+    NprocOpt,
     OutOpt,
     ProgressOpt,
     ResumeOpt,
     SeedOpt,
     default_out,
     guard,
+    main_console,
+    relaunch_with_torchrun,
     train_overrides,
 )
 
@@ -64,15 +67,15 @@ def train_command(
     device: DeviceOpt = None,
     data_dir: DataDirOpt = None,
     progress: ProgressOpt = True,
+    nproc: NprocOpt = 1,
 ) -> None:
-    """Train a translation model (learns the vocabulary on the training split first)."""
-    from rich.console import Console
-
+    """Train a translation model (learns the vocabulary on the training split first). --nproc N:
+    N processes, each MoE layer's experts split over them, DDP for the rest."""
     from moe_apps.training.run import apply_overrides
     from moe_apps.translation.config import get_preset
-    from moe_apps.translation.train import read_run_config, train
+    from moe_apps.translation.train import check_world_size, read_run_config, train
 
-    console = Console()
+    console = main_console()
     router_name = router
 
     def build() -> Any:
@@ -88,11 +91,14 @@ def train_command(
             "model.moe_every": moe_every, **train_overrides(epochs=epochs, seed=seed, device=device,
                                                             prefix="train."),
         }
-        return apply_overrides(base, overrides)
+        config = apply_overrides(base, overrides)
+        check_world_size(config, nproc)
+        return config
 
     config = guard(build)
     run_dir = out if out is not None else default_out(
         "translation", f"{config.model.model}-{config.data.direction}-{config.preset}")
+    guard(lambda: relaunch_with_torchrun(nproc, "translation", out=run_dir, resume=resume))
     outcome = guard(lambda: train(config, run_dir, resume=resume, data_dir=data_dir, console=console,
                                   progress=progress))
     val = outcome.val_metrics

@@ -20,7 +20,8 @@ import torch
 
 from moe_apps.atomic import atomic_write
 from moe_apps.datasets import load_multi30k, resolve_data_root
-from moe_apps.training import fit, resolve_device, set_seed
+from moe_apps.training import fit, load_checkpoint, resolve_device, set_seed
+from moe_apps.training.distributed import current_context, main_process_first
 from moe_apps.training.run import check_run_folder, open_run, start_run
 from moe_apps.training.runtime import autocast
 from moe_apps.translation.config import TranslationConfig
@@ -28,6 +29,7 @@ from moe_apps.translation.data import EncodedPairs, TrainStream, eval_batches
 from moe_apps.translation.model import Seq2SeqTransformer, build_model, count_parameters
 from moe_apps.translation.task import TranslationTask
 from moe_apps.translation.vocab import MODEL_FILE, load_vocab, train_vocab
+from moe_core import to_expert_parallel
 from moe_core.diagnostics import StatsAccumulator
 
 APP = "translation"
@@ -82,6 +84,8 @@ def train(config: TranslationConfig, out_dir: str | Path, *, resume: bool = Fals
     console = console if console is not None else Console()
     run_dir = Path(out_dir)
     started = time.perf_counter()
+    ctx = current_context()  # under torchrun: the MoE layers' experts are split over the ranks
+    check_world_size(config, ctx.world_size)
     saved_info = check_run_folder(run_dir, app=APP, resume=resume)
     if saved_info is not None:
         check_resume(TranslationConfig.from_dict(saved_info.config), config, run_dir)
@@ -100,11 +104,12 @@ def train(config: TranslationConfig, out_dir: str | Path, *, resume: bool = Fals
     train_config = replace(config.train, progress=progress)
     with start_run(run_dir, app=APP, config=config.to_dict(), data_root=root, resume=resume):
         vocab_path = run_dir / MODEL_FILE
-        if resume:
-            vocab = load_vocab(vocab_path)
-        else:
-            vocab = train_vocab(train_src + train_tgt, config.model.vocab_size, vocab_path,
-                                seed=config.train.seed)
+        with main_process_first(ctx):  # rank 0 learns and writes the vocabulary, the others read it
+            if resume or not ctx.is_main:
+                vocab = load_vocab(vocab_path)
+            else:
+                vocab = train_vocab(train_src + train_tgt, config.model.vocab_size, vocab_path,
+                                    seed=config.train.seed)
         if len(vocab) > config.model.vocab_size:
             raise ValueError(f"{vocab_path} has {len(vocab)} pieces, more than vocab_size={config.model.vocab_size}")
         limit = config.model.max_source_tokens
@@ -115,6 +120,8 @@ def train(config: TranslationConfig, out_dir: str | Path, *, resume: bool = Fals
         set_seed(config.train.seed)
         model = build_model(config.model)
         params = count_parameters(model)
+        if ctx.enabled:
+            to_expert_parallel(model)
         console.print(
             f"[bold]{config.model.model}[/bold] {config.data.direction} ({config.preset}): "
             f"{len(pairs)} training pairs ({stream.batches_per_pass} batches a pass), "
@@ -128,6 +135,12 @@ def train(config: TranslationConfig, out_dir: str | Path, *, resume: bool = Fals
         train_seconds = sum(row["seconds"] for row in result.history)
         tokens = sum(row.get("train_target_tokens", 0.0) for row in result.history) * config.data.updates_per_epoch
         tokens_per_s = tokens / train_seconds if train_seconds > 0 else 0.0
+        if not ctx.is_main:  # rank 0 writes the reports, from a one-process copy of the best weights
+            return TrainOutcome(run_dir, config, result.best_epoch, result.best_metrics, params,
+                                time.perf_counter() - started, tokens_per_s)
+        if ctx.enabled:
+            model = build_model(config.model).to(next(model.parameters()).device)
+            load_checkpoint(result.best_checkpoint, model, app=APP, model_config=asdict(config.model))
         _write_json(run_dir / "train_summary.json", {
             "updates": config.total_updates, "epochs_seconds": train_seconds,
             "fit_seconds_this_process": fit_seconds, "target_tokens": tokens,
@@ -136,6 +149,14 @@ def train(config: TranslationConfig, out_dir: str | Path, *, resume: bool = Fals
         write_routing_report(model, config, val, run_dir)
     return TrainOutcome(run_dir, config, result.best_epoch, result.best_metrics, params,
                         time.perf_counter() - started, tokens_per_s)
+
+
+def check_world_size(config: TranslationConfig, world_size: int) -> None:
+    """ValueError unless ``world_size`` processes can split each MoE layer's experts evenly."""
+    if world_size > 1 and config.model.model == "moe" and config.model.num_experts % world_size:
+        divisors = [n for n in range(1, config.model.num_experts + 1) if config.model.num_experts % n == 0]
+        raise ValueError(f"{world_size} processes cannot split {config.model.num_experts} experts per "
+                         f"layer evenly; use --nproc in {divisors} or --num-experts a multiple of {world_size}")
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from moe_apps.training.cli import (
     DataDirOpt,
     DeviceOpt,
     EpochsOpt,
+    NprocOpt,
     OutOpt,
     ProgressOpt,
     ResumeOpt,
@@ -25,6 +26,9 @@ from moe_apps.training.cli import (
     default_out,
     error_message,
     guard,
+    launch_rank,
+    main_console,
+    relaunch_with_torchrun,
 )
 
 app = typer.Typer(help="CIFAR-10 image classification with conv experts (moe, condconv, dense).",
@@ -46,14 +50,15 @@ def train_command(
     device: DeviceOpt = None,
     data_dir: DataDirOpt = None,
     progress: ProgressOpt = True,
+    nproc: NprocOpt = 1,
 ) -> None:
-    """Train on CIFAR-10 (bf16, channels_last on the CPU), then score the test set once (TTA)."""
-    from rich.console import Console
-
+    """Train on CIFAR-10 (bf16, channels_last on the CPU), then score the test set once (TTA).
+    --nproc N: N processes under DDP (the conv experts are replicated, not split)."""
     from moe_apps.vision.config import get_preset, with_overrides
     from moe_apps.vision.train import train
 
-    console = Console()
+    console = main_console()
+    main = launch_rank()[0] == 0  # under torchrun rank 0 alone scores the test set
     overrides: dict[str, Any] = dict(model=model, num_experts=num_experts, top_k=top_k,
                                      epochs=epochs, seed=seed, device=device)
 
@@ -61,11 +66,13 @@ def train_command(
         if resume:
             if out is None:
                 raise ValueError("--resume needs --out, the run folder to continue")
+            relaunch_with_torchrun(nproc, "vision", out=out, resume=True)
             return train(None, out, resume=True, overrides=overrides, data_dir=data_dir,
-                         console=console, progress=progress)
+                         console=console, progress=progress, evaluate=main)
         config = with_overrides(get_preset(preset), **overrides)  # every check before any work
         run_dir = out if out is not None else default_out("vision", f"{config.model.model}-s{config.seed}")
-        return train(config, run_dir, data_dir=data_dir, console=console, progress=progress)
+        relaunch_with_torchrun(nproc, "vision", out=run_dir)
+        return train(config, run_dir, data_dir=data_dir, console=console, progress=progress, evaluate=main)
 
     outcome = guard(run)
     console.print(
