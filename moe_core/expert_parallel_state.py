@@ -176,8 +176,18 @@ def average_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) 
     ranks' losses. Dense parameters are summed over ``group`` (the world by default), expert
     parameters over their layer's replica group only (or not at all), then divided by the size of
     ``group``. Each kind goes in one flattened all-reduce. Every rank must have the same
-    parameters with gradients."""
+    parameters with gradients. A layer split over a group smaller than ``group`` without a
+    replica group is a ValueError (its experts are held by several groups, whose copies would
+    otherwise be left un-averaged and drift apart)."""
     world = dist.get_world_size(group)
+    for name, layer in expert_parallel_layers(model):
+        if layer.replica_group is None and layer.group_size != world:
+            raise ValueError(
+                f"{name or 'the model'}: its experts are split over groups of {layer.group_size} of "
+                f"the {world} ranks, so every expert has {world // layer.group_size} copies, but the "
+                f"layer has no replica_group to average them over; build it with the replica group "
+                f"that expert_parallel_groups({layer.group_size}) returns"
+            )
     owner = {id(p): layer for _, layer in expert_parallel_layers(model) for p in layer.experts.parameters()}
     buckets: dict[object, list[Tensor]] = {}
     for param in model.parameters():

@@ -104,6 +104,7 @@ def train_worker(rank: int, world: int, out_dir: str) -> None:
     after SAVE_AT steps), then the ``ep`` model resumed from the one-process checkpoint."""
     from moe_core.expert_parallel import to_expert_parallel
     from moe_core.expert_parallel_state import (
+        average_gradients,
         data_parallel,
         expert_parallel_groups,
         full_optimizer_state_dict,
@@ -145,6 +146,16 @@ def train_worker(rank: int, world: int, out_dir: str) -> None:
         results["wrong_model"] = None
     except ValueError as err:
         results["wrong_model"] = str(err)
+    # groups of 1 (each rank holds all experts) without the replica group that averages them
+    group, _ = expert_parallel_groups(1)
+    model = to_expert_parallel(build("dp"), group, None)
+    task, aux = losses(model, *batch(rank))
+    (task + aux).backward()
+    try:
+        average_gradients(model)
+        results["no_replica_group"] = None
+    except ValueError as err:
+        results["no_replica_group"] = str(err)
     torch.save(results, os.path.join(out_dir, f"train_rank{rank}.pt"))
 
 

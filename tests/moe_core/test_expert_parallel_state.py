@@ -122,3 +122,10 @@ def test_save_with_one_load_with_two(runs):
 def test_checkpoint_of_another_model_is_refused(runs):
     message = runs["group"][0]["wrong_model"]
     assert message is not None and "moe.experts.w_in" in message and "another model" in message
+
+
+def test_experts_held_by_several_groups_need_their_replica_group(runs):
+    """Experts split over groups smaller than the world are held by several groups: averaging
+    their gradients without the replica group would silently halve them and let the copies drift."""
+    message = runs["group"][0]["no_replica_group"]
+    assert message is not None and "replica_group" in message and "expert_parallel_groups" in message
