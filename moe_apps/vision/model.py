@@ -70,12 +70,23 @@ class ConvGroup(nn.Module):
         self.norm1, self.norm2 = batch_norm(c_out, bn_momentum), batch_norm(c_out, bn_momentum)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[0] == 0:  # an expert no image chose: no batch statistics to take
-            return x.new_zeros((0, self.norm2.num_features, x.shape[2] // 2, x.shape[3] // 2))
+        if x.shape[0] == 0:
+            return self._empty(x)
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # the dispatch gathers rows NCHW
         x = F.gelu(self.norm1(F.max_pool2d(self.conv1(x), 2)))
         return F.gelu(self.norm2(self.conv2(x)))
+
+    def _empty(self, x: Tensor) -> Tensor:
+        """An expert no image chose: no batch statistics to take, so the norms use their running
+        ones (left unchanged); the empty output still depends on every parameter, which then gets
+        a zero gradient rather than none (DDP needs one for each parameter in every step)."""
+
+        def norm(bn: nn.BatchNorm2d, y: Tensor) -> Tensor:
+            return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+        x = F.gelu(norm(self.norm1, F.max_pool2d(self.conv1(x), 2)))
+        return F.gelu(norm(self.norm2, self.conv2(x)))
 
 
 class DetachedSumRouter(nn.Module):

@@ -92,6 +92,28 @@ def test_each_image_runs_only_its_experts(top_k: int) -> None:
         torch.testing.assert_close(out[b], want, rtol=1e-4, atol=1e-5)
 
 
+def test_an_expert_no_image_chose_gets_zero_gradients_not_none() -> None:
+    """DDP (`train --nproc`) needs a gradient for every parameter in every step: an expert that
+    receives no image runs on the empty batch, its parameters get zeros, its BN statistics stay."""
+    torch.manual_seed(0)
+    stage = ExpertStage(8, 16, num_experts=4, top_k=1, bn_momentum=0.6).train()
+    with torch.no_grad():
+        stage.moe.router.inner.gate.weight.zero_()  # equal logits: every image picks one expert
+    before = {k: v.clone() for k, v in stage.state_dict().items()}
+    out, experts_BK = stage(torch.randn(12, 8, 12, 12))
+    out.square().mean().backward()
+    chosen = set(experts_BK.flatten().tolist())
+    assert len(chosen) == 1
+    for e, expert in enumerate(stage.moe.experts.experts):
+        for name, param in expert.named_parameters():
+            if param.requires_grad:
+                assert param.grad is not None, (e, name)
+                assert e in chosen or not param.grad.any(), (e, name)
+        if e not in chosen:
+            assert all(torch.equal(v, before[f"moe.experts.experts.{e}.{k}"])
+                       for k, v in expert.state_dict().items())
+
+
 def test_the_router_learns_from_the_task_loss_with_top1() -> None:
     torch.manual_seed(0)
     stage = ExpertStage(8, 16, num_experts=4, top_k=1, bn_momentum=0.6)
