@@ -1,6 +1,7 @@
 """A tiny MoE model trained with Adam in one process and in 2 gloo processes (expert parallel, or
 data parallel with replicated experts), with world-size-independent checkpoints in between: the
-model, batches and the 2-process worker of tests/moe_core/test_expert_parallel_state.py."""
+model, batches and the 2-process worker of tests/moe_core/test_expert_parallel_state.py, and the
+4-process sub-group worker of tests/moe_core/test_expert_parallel_groups.py."""
 
 from __future__ import annotations
 
