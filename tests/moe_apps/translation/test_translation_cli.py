@@ -1,7 +1,8 @@
 """`moe-apps translation train / eval / translate` through Typer's CliRunner on a synthetic
 Multi30k: the run folder's files, the eval JSON keys, user test files (plain and gzipped), stdin
-translation, --show-routing, bad input (one line, exit 1, nothing written), and kill -9 then
---resume giving bit-identical weights."""
+translation (one output line per input line, UTF-8 only), --show-routing (the experts the
+translation used, token choice and expert choice), bad input (one line, exit 1, nothing written),
+and kill -9 then --resume giving bit-identical weights and snapshots."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 from run_faults import assert_kill_then_resume_is_exact
 from typer.testing import CliRunner
 
@@ -221,6 +223,13 @@ def test_kill_then_resume_gives_identical_weights(multi30k_root: Path, tmp_path:
 
     whole, killed = assert_kill_then_resume_is_exact(train_cmd, tmp_path)
     assert (killed / "spm.model").read_bytes() == (whole / "spm.model").read_bytes()
+    # the kept snapshots (what --average reads) are the same too
+    names = sorted(p.name for p in (whole / "checkpoints").glob("epoch-*.pt"))
+    assert names == ["epoch-0002.pt", "epoch-0003.pt"]
+    assert sorted(p.name for p in (killed / "checkpoints").glob("epoch-*.pt")) == names
+    for name in names:
+        a, b = (torch.load(run / "checkpoints" / name, weights_only=True)["model"] for run in (whole, killed))
+        assert all(torch.equal(a[key], b[key]) for key in a), name
 
 
 def test_en_de_direction_reads_english_sources(multi30k_root: Path, tmp_path: Path) -> None:
