@@ -3,6 +3,8 @@ scored with sacreBLEU (Post 2018); `moe-apps translation train / eval / translat
 
 Modules: `config` (frozen configs, presets), `vocab` (the shared sentencepiece vocabulary), `data`
 (token-count batches with length bucketing), `model` (`build_model`), `decode` (greedy and beam
-search with cached keys/values), `task` (label-smoothed loss for the shared loop), `train` (train /
-eval / translate on the run lifecycle), `plots` (expert load per layer), `cli` (the Typer sub-app).
+search with cached keys/values), `task` (label-smoothed loss for the shared loop), `train` (training
+on the run lifecycle, the routing report), `inference` (best or averaged weights, translation,
+sacreBLEU scores, the experts of each token), `plots` (expert load per layer), `cli` (the Typer
+sub-app).
 """
