@@ -162,11 +162,12 @@ def _rgb_array(image):
 
 def load_image(path: str | Path) -> Tensor:
     """A PNG / JPEG file of any size and mode as a uint8 ``(3, 32, 32)`` RGB tensor, as the model
-    sees CIFAR-10: decoded with Pillow, turned upright by its EXIF orientation tag (phone photos),
-    converted to RGB (grayscale replicated, 16-bit levels scaled to 8 bits, alpha dropped, palettes
-    expanded), the shorter side resized to 32 pixels (bilinear, antialiased, torchvision v2), then
-    the centre 32 x 32 cropped. ValueError naming the file for a missing, unreadable, truncated or
-    non-image file, or one over Pillow's decompression-bomb limit of pixels."""
+    sees CIFAR-10: decoded with Pillow (of a multi-picture camera JPEG, the primary picture),
+    turned upright by its EXIF orientation tag (phone photos), converted to RGB (grayscale
+    replicated, 16-bit levels scaled to 8 bits, alpha dropped, palettes expanded), the shorter side
+    resized to 32 pixels (bilinear, antialiased, torchvision v2), then the centre 32 x 32 cropped.
+    ValueError naming the file for a missing, unreadable, truncated or non-image file, or one over
+    Pillow's decompression-bomb limit of pixels."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     from torchvision.transforms.v2 import functional as TF
 
@@ -177,7 +178,7 @@ def load_image(path: str | Path) -> Tensor:
         raise ValueError(f"{path}: not a file")
     try:
         with Image.open(path) as opened:
-            if opened.format not in ("PNG", "JPEG"):
+            if opened.format not in ("PNG", "JPEG", "MPO"):  # MPO: a camera JPEG with an MPF header
                 raise ValueError(f"{path}: a {opened.format} image; give a PNG or JPEG file")
             opened.load()  # decodes now: a truncated file fails here
             rgb = _rgb_array(ImageOps.exif_transpose(opened))

@@ -159,3 +159,14 @@ def test_an_image_too_large_to_decode_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="huge.png") as info:
         load_image(tmp_path / "huge.png")
     assert "\n" not in str(info.value) and "too large" in str(info.value)
+
+
+def test_multi_picture_jpeg_from_a_camera_is_a_jpeg(tmp_path: Path) -> None:
+    """Many phones and cameras write JPEGs with an MPF header (Pillow's format "MPO"): the file is
+    a JPEG, and the primary (first) picture is the one predicted."""
+    primary, second = Image.new("RGB", (40, 30), (220, 10, 10)), Image.new("RGB", (40, 30), (10, 10, 220))
+    primary.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[second])
+    with Image.open(tmp_path / "camera.jpg") as opened:
+        assert opened.format == "MPO"
+    image = load_image(tmp_path / "camera.jpg").float()
+    assert image[0].mean() > 200 and image[2].mean() < 30
