@@ -164,19 +164,33 @@ def translate_command(
     show_routing: Annotated[bool, typer.Option("--show-routing", help="Print the experts of each subword in each MoE layer.")] = False,
     device: DeviceOpt = None,
 ) -> None:
-    """Translate a sentence, or stdin line by line (an empty line gives an empty line)."""
+    """Translate a sentence, or stdin line by line (an empty line gives an empty line). Piped
+    input is read whole and decoded in batches; typed input (a terminal) is answered line by line."""
     from moe_apps.translation.data import split_lines
-    from moe_apps.translation.inference import load_run, routing_of, translate_lines
+    from moe_apps.translation.inference import load_run
 
     loaded = guard(lambda: load_run(run, device=device or "auto", average=average))
-    lines = [text] if text is not None else guard(lambda: split_lines(typer.get_binary_stream("stdin").read(), "stdin"))
     if show_routing and not loaded.model.moe_layers():
         _warn("this run's model is dense: it has no MoE layers to show")
         show_routing = False
+    stdin = typer.get_binary_stream("stdin")
+    if text is None and stdin.isatty():
+        for number, raw in enumerate(iter(stdin.readline, b""), 1):
+            lines = guard(lambda raw=raw, number=number: split_lines(raw, f"stdin line {number}"))
+            _translate_and_print(loaded, lines, beam, show_routing)
+        return
+    lines = [text] if text is not None else guard(lambda: split_lines(stdin.read(), "stdin"))
+    _translate_and_print(loaded, lines, beam, show_routing)
+
+
+def _translate_and_print(loaded: Any, lines: list[str], beam: int | None, show_routing: bool) -> None:
+    """Translate ``lines`` and print one line each (with its routing tables for --show-routing)."""
+    from moe_apps.translation import inference
+
     # --show-routing decodes each line alone: the routing shown is the sentence's alone, and what an
     # expert-choice encoder picks depends on the other sentences of a batch
     chunks = [[line] for line in lines] if show_routing else [lines]
-    results = [guard(lambda chunk=chunk: translate_lines(loaded, chunk, beam=beam)) for chunk in chunks]
+    results = [guard(lambda chunk=chunk: inference.translate_lines(loaded, chunk, beam=beam)) for chunk in chunks]
     truncated = sum(result.truncated for result in results)
     if truncated:
         _warn(f"{truncated} lines were longer than {loaded.config.model.max_source_tokens - 1} "
@@ -185,7 +199,7 @@ def translate_command(
         for i, line in enumerate(result.lines):
             typer.echo(line)
             if show_routing and result.source_ids[i]:
-                _print_routing(routing_of(loaded, result.source_ids[i], result.ids[i]))
+                _print_routing(inference.routing_of(loaded, result.source_ids[i], result.ids[i]))
 
 
 def _print_routing(routing: dict[str, Any]) -> None:

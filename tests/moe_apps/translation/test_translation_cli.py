@@ -112,6 +112,38 @@ def test_translate_keeps_one_output_line_per_input_line(smoke_run: Path) -> None
     assert len(result.stdout.split("\n")) == 4 and result.stdout.endswith("\n")
 
 
+def test_translate_answers_each_typed_line_before_reading_the_next(smoke_run: Path, monkeypatch) -> None:
+    """stdin is a terminal: a person types a line and waits for its translation (no batching until
+    end of input)."""
+    import io
+
+    import typer
+
+    import moe_apps.translation.inference as inference
+
+    events: list[str] = []
+
+    class Terminal(io.BytesIO):
+        def isatty(self) -> bool:
+            return True
+
+        def readline(self, *args) -> bytes:
+            line = super().readline(*args)
+            events.append("read")
+            return line
+
+    terminal = Terminal(b"Ein hund.\n\nZwei hund.\n")
+    monkeypatch.setattr(typer, "get_binary_stream", lambda name: terminal if name == "stdin" else None)
+    translate = inference.translate_lines
+    monkeypatch.setattr(inference, "translate_lines",
+                        lambda *args, **kwargs: events.append("translate") or translate(*args, **kwargs))
+    result = runner.invoke(app, ["translation", "translate", str(smoke_run)])
+    assert result.exit_code == 0, result.output
+    assert events == ["read", "translate"] * 3 + ["read"]
+    lines = result.stdout.split("\n")
+    assert len(lines) == 4 and lines[0] and lines[1] == "" and lines[2]
+
+
 def test_translate_refuses_text_that_is_not_utf8(smoke_run: Path) -> None:
     result = runner.invoke(app, ["translation", "translate", str(smoke_run)], input=b"Ein hund.\nEin \xff hund.\n")
     assert result.exit_code == 1, result.output
