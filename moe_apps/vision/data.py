@@ -157,6 +157,8 @@ def _rgb_array(image):
     if image.mode in GREY_16_BIT:
         grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode == "P" and "transparency" in image.info:  # straight to RGB, Pillow warns
+        image = image.convert("RGBA")
     return np.asarray(image.convert("RGB"))
 
 

@@ -170,3 +170,18 @@ def test_multi_picture_jpeg_from_a_camera_is_a_jpeg(tmp_path: Path) -> None:
         assert opened.format == "MPO"
     image = load_image(tmp_path / "camera.jpg").float()
     assert image[0].mean() > 200 and image[2].mean() < 30
+
+
+def test_palette_png_with_transparency_converts_quietly(tmp_path: Path) -> None:
+    """A palette PNG whose transparency is a byte table: Pillow warns (two lines on the terminal of
+    `predict`) when it goes straight to RGB; it goes through RGBA, colours unchanged."""
+    import warnings
+
+    picture = Image.new("RGB", (40, 40), (200, 10, 10))
+    picture.paste((10, 200, 10), (0, 0, 20, 40))
+    palette = picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    palette.save(tmp_path / "icon.png", transparency=bytes([0, 128, 255, 255]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = load_image(tmp_path / "icon.png").float()
+    assert image[0].mean() == pytest.approx(105, abs=2) and image[2].mean() == pytest.approx(10, abs=1)
