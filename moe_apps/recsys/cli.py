@@ -18,6 +18,7 @@ from moe_apps.training.cli import (
     DataDirOpt,
     DeviceOpt,
     EpochsOpt,
+    NprocOpt,
     OutOpt,
     ProgressOpt,
     ResumeOpt,
@@ -25,6 +26,8 @@ from moe_apps.training.cli import (
     default_out,
     fail,
     guard,
+    main_console,
+    relaunch_with_torchrun,
     train_overrides,
 )
 
@@ -64,10 +67,10 @@ def train_command(
     device: DeviceOpt = None,
     data_dir: DataDirOpt = None,
     progress: ProgressOpt = True,
+    nproc: NprocOpt = 1,
 ) -> None:
-    """Train a multi-task recommender (like + rating), then test the best epoch once."""
-    from rich.console import Console
-
+    """Train a multi-task recommender (like + rating), then test the best epoch once. With
+    ``--nproc N``: N local processes, the embedding tables sharded by torchrec (table-wise)."""
     from moe_apps.recsys.train import build_config, train
 
     def build() -> Any:
@@ -80,7 +83,8 @@ def train_command(
     config = guard(build)
     run_dir = out if out is not None else default_out(
         "recsys", f"{config.model.model}-{config.split}-s{config.seed}")
-    console = Console()
+    guard(lambda: relaunch_with_torchrun(nproc, "recsys", out=run_dir, resume=resume))
+    console = main_console()
     outcome = guard(lambda: train(config, run_dir, resume=resume, data_dir=data_dir,
                                   console=console, progress=progress))
     console.print(_metrics_table(

@@ -34,6 +34,7 @@ from moe_apps.recsys.ranking import evaluate_ranking, interaction_matrix, rankin
 from moe_apps.recsys.splits import protocol_parts
 from moe_apps.recsys.task import RecsysTask
 from moe_apps.training import fit, load_checkpoint, resolve_device, set_seed
+from moe_apps.training.distributed import DistContext, current_context
 from moe_apps.training.run import apply_overrides, check_run_folder, open_run, start_run
 
 APP = "recsys"
@@ -59,7 +60,7 @@ class TrainOutcome:
     config: RecsysConfig
     best_epoch: int
     val_metrics: dict[str, float]
-    test_metrics: dict[str, float]
+    test_metrics: dict[str, float]  # empty on ranks > 0 under torchrun (rank 0 tests and writes)
     parameters: dict[str, int]
     seconds: float
 
@@ -175,7 +176,10 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
     run = prepare_data(config, root, data)
     config = with_vocab(config, run.features.vocab)
     with start_run(run_dir, app=APP, config=config.to_dict(), data_root=root, resume=resume):
-        result, model, task = _fit(config, run, run_dir, resume, console, progress)
+        result, model, task, ctx = _fit(config, run, run_dir, resume, console, progress)
+        if not ctx.is_main:
+            return TrainOutcome(run_dir, config, result.best_epoch, result.best_metrics, {},
+                                count_parameters(model), time.perf_counter() - started)
         device = next(model.parameters()).device
         model.eval()
         test_metrics = task.evaluate(model, (b.to(device) for b in _eval_batches(config, run, run.test)))
@@ -197,8 +201,12 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
 
 
 def _fit(config: RecsysConfig, run: RunData, run_dir: Path, resume: bool, console: Any,
-         progress: bool) -> tuple[Any, nn.Module, RecsysTask]:
-    """Build the model (its initial weights depend on the seed alone) and run the shared loop."""
+         progress: bool) -> tuple[Any, nn.Module, RecsysTask, DistContext]:
+    """Build the model (its initial weights depend on the seed alone) and run the shared loop.
+
+    Under torchrun the loop trains it with its embedding tables sharded by torchrec
+    (`moe_apps.recsys.distributed`); the model returned is then a plain one-process model holding
+    the best checkpoint's weights (the trained one holds only this rank's shards)."""
     set_seed(config.seed)
     model = build_model(config.model)
     task = _task(config)
@@ -218,10 +226,23 @@ def _fit(config: RecsysConfig, run: RunData, run_dir: Path, resume: bool, consol
                                 negatives=config.negatives, seen_UI=seen_fit, seed=(config.seed, epoch),
                                 history_dropout=config.history_dropout)
 
+    ctx = current_context()
+    distribute = None
+    if ctx.enabled:
+        from moe_apps.recsys import distributed
+
+        distribute = distributed.torchrec_model_parallel
+        if ctx.is_main:
+            plan = distributed.sharding_plan(model, ctx.world_size)
+            console.print(f"embedding tables: {distributed.describe_plan(plan, ctx.world_size)}",
+                          highlight=False, soft_wrap=True)
     result = fit(model, task, train_batches, lambda: val_batches, config.train_config(progress=progress),
                  run_dir, app=APP, model_config=model_config_dict(config), resume=resume,
-                 console=console)
-    return result, model, task
+                 console=console, distribute=distribute)
+    if ctx.enabled:
+        model = build_model(config.model).to(resolve_device(config.device))
+        load_checkpoint(result.best_checkpoint, model, app=APP, model_config=model_config_dict(config))
+    return result, model, task, ctx
 
 
 def model_config_dict(config: RecsysConfig) -> dict[str, Any]:
