@@ -7,7 +7,8 @@ lock, config.json, overrides). Modules: `run` (start_run, open_run, apply_overri
 no torch), `cli` (guard, exit codes, the shared Typer train options; no torch), `config`
 (TrainConfig, Task, FitResult), `runtime` (seed, device, autocast, optimizer, schedule),
 `averaging` (EMA / lookahead), `checkpoint` (digest-checked save / load, snapshot averaging),
-`plots` (curves.png), `loop` (fit).
+`plots` (curves.png), `loop` (fit), `distributed` (fit under torchrun: DistContext,
+DistributedModel, data_parallel_model).
 
 Names are imported lazily, so ``from moe_apps.training.run import ...`` (and the CLIs) never load
 torch.
@@ -25,6 +26,8 @@ _WHERE = {
     "average_checkpoints": "checkpoint", "average_snapshots": "checkpoint", "list_snapshots": "checkpoint",
     "FitResult": "config", "Task": "config", "TrainConfig": "config",
     "fit": "loop",
+    "DistContext": "distributed", "DistributedModel": "distributed", "current_context": "distributed",
+    "data_parallel_model": "distributed",
     "WeightAverage": "averaging",
     "build_optimizer": "runtime", "build_scheduler": "runtime", "lr_factor": "runtime",
     "resolve_device": "runtime", "set_seed": "runtime",

@@ -140,7 +140,8 @@ def main_console() -> Any:
 
 @dataclass(frozen=True)
 class LaunchFailure:
-    """The process a torchrun job failed on first (a killed process before one that lost contact)."""
+    """The process a torchrun job failed on: a killed one before one that exited with an error (it
+    may have lost contact with the killed one) before one the launcher stopped with SIGTERM."""
 
     rank: int
     local_rank: int
@@ -148,11 +149,15 @@ class LaunchFailure:
     signal: str | None  # "SIGKILL" when killed by a signal
 
     def message(self, out: Path | None = None) -> str:
+        """One line: which rank, how it ended, and how to continue (``--resume`` when ``out``
+        holds a checkpoint, else a fresh start)."""
         how = (f"was killed by {self.signal} (exit code {self.exit_code})" if self.signal
-               else f"exited with code {self.exit_code}")
+               else f"exited with code {self.exit_code}" + (" (its error is above)" if self.exit_code == 1 else ""))
+        head = f"rank {self.rank} (local rank {self.local_rank}) {how}; the launcher stopped the other ranks"
+        if out is not None and not (Path(out) / "checkpoints" / "last.pt").is_file():
+            return f"{head}. No checkpoint was saved yet: run the same command again to start afresh"
         where = f" --out {out}" if out is not None else ""
-        return (f"rank {self.rank} (local rank {self.local_rank}) {how}; the launcher stopped the other "
-                f"ranks. Rerun with --resume{where} to continue from the last complete checkpoint")
+        return f"{head}. Rerun with --resume{where} to continue from the last complete checkpoint"
 
 
 def run_torchrun(nproc: int, program: list[str]) -> LaunchFailure | None:
@@ -171,13 +176,23 @@ def run_torchrun(nproc: int, program: list[str]) -> LaunchFailure | None:
     try:
         torchrun.run(args)
     except ChildFailedError as error:
-        failures = sorted(error.failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[1].timestamp, kv[0]))
-        rank, first = failures[0]
-        signal = first.signal_name() if first.exitcode < 0 else None
-        return LaunchFailure(rank, first.local_rank, first.exitcode, signal)
+        return first_failure(error.failures)
     finally:
         logger.setLevel(level)
     return None
+
+
+def first_failure(failures: dict[int, Any]) -> LaunchFailure:
+    """The failure to report among torch's ``{rank: ProcessFailure}``: a rank killed by a signal,
+    then one that exited with an error, then one the launcher stopped (SIGTERM) after the first
+    failure; earliest first, then the lowest rank."""
+    def order(item: tuple[int, Any]) -> tuple[int, float, int]:
+        failure = item[1]
+        kind = 2 if failure.signal_name() == "SIGTERM" else (1 if failure.exitcode >= 0 else 0)
+        return kind, failure.timestamp, item[0]
+
+    rank, first = min(failures.items(), key=order)
+    return LaunchFailure(rank, first.local_rank, first.exitcode, first.signal_name() if first.exitcode < 0 else None)
 
 
 def _given_args(skip: set[str]) -> list[str]:

@@ -6,6 +6,7 @@ resolved --out) and turns a failed rank into one line and exit code 1."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import distributed_problem
 import pytest
@@ -48,6 +49,18 @@ def test_a_killed_rank_stops_the_job_and_resume_continues(tmp_path, monkeypatch)
     assert max((expected[k] - resumed["model"][k]).abs().max().item() for k in expected) <= 1e-5
 
 
+def test_the_reported_rank_is_the_killed_one_not_the_ones_stopped_after_it():
+    def failure(exitcode: int, timestamp: int = 5, local_rank: int = 0):
+        name = {-9: "SIGKILL", -15: "SIGTERM"}.get(exitcode, "<N/A>")
+        return SimpleNamespace(exitcode=exitcode, timestamp=timestamp, local_rank=local_rank, signal_name=lambda: name)
+
+    killed = {0: failure(-15), 1: failure(-9, local_rank=1), 2: failure(1, timestamp=4)}
+    assert training_cli.first_failure(killed) == training_cli.LaunchFailure(1, 1, -9, "SIGKILL")
+    assert training_cli.first_failure({0: failure(-15, 3), 1: failure(1, 6)}).rank == 1
+    assert training_cli.first_failure({0: failure(1, 6), 1: failure(1, 5)}).rank == 1
+    assert training_cli.first_failure({3: failure(-15)}) == training_cli.LaunchFailure(3, 0, -15, "SIGTERM")
+
+
 def _toy_app(calls: list) -> typer.Typer:
     app = typer.Typer()
 
@@ -79,8 +92,12 @@ def test_relaunch_passes_the_options_on_and_a_failed_rank_is_one_line(monkeypatc
     failed = runner.invoke(app, ["train", "--nproc", "2", "--out", str(out)])
     assert failed.exit_code == 1 and "Traceback" not in failed.output
     line = " ".join(failed.output.split())
-    assert "rank 1 (local rank 1) was killed by SIGKILL (exit code -9)" in line and "--resume" in line
+    assert "rank 1 (local rank 1) was killed by SIGKILL (exit code -9); the launcher stopped the other ranks" in line
+    assert "No checkpoint was saved yet: run the same command again to start afresh" in line  # no last.pt
     assert not out.exists()
+    outcome[0] = training_cli.LaunchFailure(rank=0, local_rank=0, exit_code=1, signal=None)
+    assert "rank 0 (local rank 0) exited with code 1 (its error is above)" in " ".join(
+        runner.invoke(app, ["train", "--nproc", "2", "--out", str(out)]).output.split())
     outcome[0] = None
     default = runner.invoke(app, ["train", "--nproc", "2"])  # the resolved default --out goes to every rank
     assert default.exit_code == 0 and launched[-1][1][-2:] == ["--out", str(Path("runs/toy/default"))]
