@@ -159,6 +159,19 @@ def test_a_damaged_config_json_is_refused_in_one_line(trained: Path, tmp_path: P
         assert len(result.output.strip().splitlines()) == 1, result.output
 
 
+def test_a_run_of_another_app_is_refused_in_one_line(trained: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "recsys-run"
+    shutil.copytree(trained, copy)
+    saved = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**saved, "app": "recsys"}))
+    for args in (["eval", str(copy)], ["predict", str(copy), str(tmp_path / "x.png")]):
+        result = runner.invoke(app, ["vision", *args])
+        assert result.exit_code == 1 and "recsys run" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
 def _train_cmd(out: Path, data: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "moe_apps.cli", "vision", "train", "--preset", "smoke", "--out", str(out),
             "--data-dir", str(data), "--no-progress", *extra]
