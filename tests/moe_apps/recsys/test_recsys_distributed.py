@@ -38,7 +38,7 @@ from moe_apps.training.checkpoint import read_checkpoint
 from moe_apps.training.runtime import build_optimizer
 
 WORLD, TOL = 2, 1e-5
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(600)  # a hang guard: 28 s in all on 2 cores
 
 
 def _setup(seed: int = 0):
