@@ -30,7 +30,12 @@ from moe_apps.recsys.config import OFFICIAL_SPLITS, RecsysConfig, get_preset, wi
 from moe_apps.recsys.data import Features, RecsysBatch, build_features, make_batch
 from moe_apps.recsys.implicit import held_out_batches, training_batches
 from moe_apps.recsys.model import build_model, count_parameters, gate_labels
-from moe_apps.recsys.ranking import evaluate_ranking, interaction_matrix, ranking_score, sampling_odds_ratio
+from moe_apps.recsys.ranking import (
+    evaluate_ranking,
+    interaction_matrix,
+    ranking_score,
+    sampling_odds_ratio,
+)
 from moe_apps.recsys.splits import protocol_parts
 from moe_apps.recsys.task import RecsysTask
 from moe_apps.training import fit, load_checkpoint, resolve_device, set_seed

@@ -25,6 +25,7 @@ from torch import nn
 from moe_apps.atomic import atomic_write
 from moe_apps.datasets import resolve_data_root
 from moe_apps.training import TrainConfig, fit, load_checkpoint, set_seed
+from moe_apps.training.distributed import current_context
 from moe_apps.training.run import RunError, check_run_folder, open_run, start_run
 from moe_apps.vision.config import ModelConfig, RecipeConfig, VisionConfig, with_overrides
 from moe_apps.vision.data import Split, TrainBatches, VisionData, eval_batches, make_splits
@@ -210,7 +211,8 @@ def train(config: VisionConfig | None, out_dir: str | Path, *, resume: bool = Fa
                   f"{flops / 1e6:.1f}M multiply-adds per image; {len(data.train)} training images, "
                   f"{len(val_split)} {'validation' if data.val is not None else 'seen (training)'} images")
     with start_run(out_dir, app=APP, config=config.to_dict(), data_root=root, resume=resume) as run:
-        _write_json(run.run_dir / CLASSES_FILE, data.class_names)
+        if current_context().is_main:  # under torchrun rank 0 alone writes the run folder
+            _write_json(run.run_dir / CLASSES_FILE, data.class_names)
         started = time.perf_counter()
         result = fit(model, task, train_batches, lambda: val, loop_config, run.run_dir, app=APP,
                      model_config=model_config_dict(config), resume=resume, console=console,

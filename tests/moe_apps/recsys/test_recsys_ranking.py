@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from moe_apps.recsys.config import LIKE, RATING
-from moe_apps.recsys.ranking import full_ranking, interaction_matrix, ranking_score, sampling_odds_ratio
+from moe_apps.recsys.ranking import (
+    full_ranking,
+    interaction_matrix,
+    ranking_score,
+    sampling_odds_ratio,
+)
 
 
 def reference(scores: np.ndarray, seen: np.ndarray, relevant: np.ndarray, k: int) -> dict[str, float]:
