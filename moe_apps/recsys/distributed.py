@@ -25,10 +25,10 @@ tests/moe_apps/recsys/test_recsys_distributed.py):
   step like one process on their concatenation. DDP runs with ``static_graph=False``: torchrec's
   default static graph skips the first step's all-reduce when the output is not a pytree
   (`RecsysOutput` is a dataclass) and the ranks' dense weights part.
-* gradient clipping: the loop's norm counts this rank's table blocks and the (averaged) dense
-  gradients, not the other ranks' blocks, so it equals one process's only while no clipping
-  happens (recsys gradient norms are ~0.3 against ``grad_clip`` 5.0); a clipped step would scale
-  the ranks' dense gradients differently.
+* gradient clipping: the table blocks are the `DistributedModel`'s ``sharded_parameters``, so the
+  loop's norm sums their squares over every rank and counts the (averaged, replicated) dense
+  gradients once: the norm and the clipped step equal one process's (tested with clipping that
+  bites, every sharding type).
 
 State: `full_state_dict` gathers every block (``ShardedTensor`` local shards, all-gathered as
 objects) into the plain model's one-process state dict (same keys, full tables) on every rank;
@@ -320,7 +320,9 @@ def torchrec_model_parallel(model: nn.Module, ctx: DistContext, *,
                                        device=device, plan=plan,
                                        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False))
     load_full_state_dict(model, initial, where="initial state")
+    sharded_keys = _layout(model)[0]
     return DistributedModel(
+        sharded_parameters=tuple(p for n, p in model.named_parameters() if n in sharded_keys),
         module=dmp,
         full_state_dict=partial(full_state_dict, model),
         load_full_state_dict=partial(load_full_state_dict, model),

@@ -104,6 +104,8 @@ class DistributedModel:
     make_optimizer: Callable[[Callable[[Iterable], torch.optim.Optimizer]], torch.optim.Optimizer] | None = None
     full_optimizer_state_dict: Callable[[torch.optim.Optimizer], dict] | None = None
     load_full_optimizer_state_dict: Callable[[torch.optim.Optimizer, dict], None] | None = None
+    sharded_parameters: tuple[Tensor, ...] = ()  # this rank's own blocks of bigger tensors (torchrec's
+    # sharded tables): the gradient norm sums their squares over every rank, not once
 
 
 Distribute = Callable[[nn.Module, DistContext], DistributedModel]
@@ -139,30 +141,39 @@ def data_parallel_model(model: nn.Module, ctx: DistContext) -> DistributedModel:
     )
 
 
-def clip_grad_norm_(model: nn.Module, params: list[Tensor], max_norm: float) -> Tensor:
-    """`torch.nn.utils.clip_grad_norm_` over the WHOLE model when experts are split over ranks: the
-    squared norms of each rank's expert gradients are summed over their group, the dense ones
-    (equal on every rank after the all-reduce) counted once. Returns the total norm."""
+def clip_grad_norm_(model: nn.Module, params: list[Tensor], max_norm: float,
+                    sharded: Iterable[Tensor] = ()) -> Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over the WHOLE model when parameters are split over ranks:
+    the squared norms of each rank's expert gradients are summed over their group, those of the
+    ``sharded`` blocks (torchrec's tables) over the world, the dense ones (equal on every rank
+    after the all-reduce) counted once. Returns the total norm."""
     from moe_core.expert_parallel_state import expert_parallel_layers
 
     layers = expert_parallel_layers(model)
-    if not layers:
+    sharded_ids = {id(p) for p in sharded}
+    if not layers and not sharded_ids:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     owner = {id(p): layer for _, layer in layers for p in layer.experts.parameters()}
     grads = [p.grad for p in params if p.grad is not None]
     device = grads[0].device
     total = torch.zeros((), dtype=torch.float32, device=device)
     by_group: dict[int, tuple[Any, Tensor]] = {}
+    if sharded_ids:  # every rank joins this all-reduce, also one that holds no block
+        by_group[id(dist.group.WORLD)] = (dist.group.WORLD, torch.zeros_like(total))
     for param in params:
         if param.grad is None:
             continue
         squared = param.grad.detach().float().pow(2).sum()
         layer = owner.get(id(param))
-        if layer is None:
-            total = total + squared
+        if id(param) in sharded_ids:
+            group = dist.group.WORLD
+        elif layer is not None:
+            group = layer.group
         else:
-            group, acc = by_group.get(id(layer.group), (layer.group, torch.zeros_like(total)))
-            by_group[id(layer.group)] = (group, acc + squared)
+            total = total + squared
+            continue
+        group, acc = by_group.get(id(group), (group, torch.zeros_like(total)))
+        by_group[id(group)] = (group, acc + squared)
     for group, squared in by_group.values():
         dist.all_reduce(squared, group=group)
         total = total + squared
@@ -187,7 +198,7 @@ class RankSync:
     def clip_grad_norm_(self, params: list[Tensor], max_norm: float) -> Tensor:
         if self.dm is None:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return clip_grad_norm_(self.model, params, max_norm)
+        return clip_grad_norm_(self.model, params, max_norm, self.dm.sharded_parameters)
 
     # ----- data and random numbers -----------------------------------------------------------
     def steps_per_epoch(self, batches: int) -> int:

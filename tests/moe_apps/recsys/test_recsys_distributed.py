@@ -3,9 +3,10 @@
 
 One spawn of 2 processes runs every sharding type: forward on unequal local batches, two AdamW
 steps of the recsys loss on equal local batches against one process on their concatenation (the
-same global batch), the gathered state and optimizer state against the one-process ones, and a
+same global batch), the gathered state and optimizer state against the one-process ones, a
 one-process state (weights and Adam's moments) loaded into a fresh sharded model that then steps
-like one process. Tolerance 1e-5 in fp32. Then `moe-apps recsys train --nproc 2` on a synthetic
+like one process, and two SGD steps whose gradients are clipped (the norm over every rank's
+table blocks) against clipped steps in one process. Tolerance 1e-5 in fp32. Then `moe-apps recsys train --nproc 2` on a synthetic
 ML-100K folder and `moe-apps recsys eval --json` of its run folder in this process.
 """
 
@@ -74,12 +75,14 @@ def _optimizer_diff(full: dict, ref: dict) -> float:
     return worst
 
 
-def _steps(net, optimizer, task, batches) -> list[float]:
+def _steps(net, optimizer, task, batches, clip=None) -> list[float]:
     losses = []
     for batch in batches:
         loss, _ = task.training_loss(net, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip is not None:
+            clip()
         optimizer.step()
         losses.append(float(loss.detach()))
     return losses
@@ -87,7 +90,7 @@ def _steps(net, optimizer, task, batches) -> list[float]:
 
 def _scenarios(rank: int, world: int, out: str) -> None:
     from moe_apps.recsys.distributed import torchrec_model_parallel
-    from moe_apps.training.distributed import DistContext
+    from moe_apps.training.distributed import DistContext, clip_grad_norm_
 
     ctx, task = DistContext(rank, world, rank), RecsysTask((LIKE, RATING), embedding_l2=0.05)
     train = TrainConfig(lr=0.05, weight_decay=0.01, optimizer="adamw")
@@ -127,6 +130,21 @@ def _scenarios(rank: int, world: int, out: str) -> None:
         _steps(dm2.module, optimizer2, task, [_batch(features, config, slice(4 * rank, 4 * rank + 4), 3)])
         _steps(ref, ref_optimizer, task, [_batch(features, config, slice(0, 8), 3)])
         row["resumed_state"] = _max_diff(dm2.full_state_dict(), ref.state_dict())
+        # gradient clipping that bites (max norm 0.01): the norm counts every rank's table blocks
+        model3, ref3 = _setup(seed=3)[0], _setup(seed=3)[0]
+        dm3 = torchrec_model_parallel(model3, ctx, sharding=sharding)
+        sgd = TrainConfig(lr=0.5, weight_decay=0.0, optimizer="sgd")
+        opt3, ref_opt3 = build_optimizer(model3, sgd), build_optimizer(ref3, sgd)
+        params3 = [p for p in model3.parameters() if p.requires_grad]
+        norms, ref_norms = [], []
+        _steps(dm3.module, opt3, task, [_batch(features, config, slice(4 * rank, 4 * rank + 4), d) for d in draws],
+               clip=lambda n=norms, m=model3, ps=params3, sh=dm3.sharded_parameters:
+               n.append(float(clip_grad_norm_(m, ps, 0.01, sh))))
+        _steps(ref3, ref_opt3, task, [_batch(features, config, slice(0, 8), d) for d in draws],
+               clip=lambda n=ref_norms, m=ref3: n.append(float(torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01))))
+        row["clip_norm"] = max(abs(a - b) / b for a, b in zip(norms, ref_norms, strict=True))
+        row["clip_bites"] = min(ref_norms) > 0.1
+        row["clipped_state"] = _max_diff(dm3.full_state_dict(), ref3.state_dict())
         row["local_tables"] = sorted(n.split(".")[-2] for n, p in model.named_parameters()
                                      if "embedding_bags" in n and p.numel())
         results[sharding] = row
@@ -162,6 +180,12 @@ def test_sharded_model_trains_like_one_process(scenarios, sharding):
     row = scenarios[0][sharding]
     for key in ("forward", "loss", "state", "optimizer", "plain_outputs", "resumed_state"):
         assert row[key] < TOL, (sharding, key, row)
+
+
+@pytest.mark.parametrize("sharding", SHARDING_TYPES)
+def test_clipping_counts_every_ranks_table_blocks(scenarios, sharding):
+    row = scenarios[0][sharding]  # two SGD steps clipped to norm 0.01 (the norms are > 0.1)
+    assert row["clip_bites"] and row["clip_norm"] < TOL and row["clipped_state"] < TOL, (sharding, row)
 
 
 def test_sharding_types_place_the_tables_as_named(scenarios):
