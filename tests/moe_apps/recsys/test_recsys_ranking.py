@@ -163,5 +163,17 @@ def test_evaluate_ranking_ranks_the_model_predictions_and_rate_alone() -> None:
     assert got["ndcg@10"] == pytest.approx(product["ndcg@10"]) and got["ndcg@10"] != got["by_rate_ndcg@10"]
     assert got["by_rate_ndcg@10"] == pytest.approx(rate["ndcg@10"])
     assert got["liked_recall@5"] == pytest.approx(product["liked_recall@5"])
+    # with per-user odds ratios: each user's P(rate) odds divided by its own r_u before the product
+    r_U = torch.linspace(0.2, 30.0, 40)
+    corrected = evaluate_ranking(_TableModel(table, torch.arange(40)), features, tasks, parts.train,
+                                 parts.test, 40, 60, ks=(5, 10), odds_ratio_U=r_U)
+
+    def by_hand(u):
+        odds = table[u, :, 0] / (1 - table[u, :, 0]) / r_U[u][:, None]
+        return odds / (1 + odds) * table[u, :, 1]
+
+    expected = full_ranking(by_hand, *masks, ks=(5, 10)).metrics
+    assert corrected["ndcg@10"] == pytest.approx(expected["ndcg@10"]) and corrected["ndcg@10"] != got["ndcg@10"]
+    assert corrected["by_rate_ndcg@10"] == pytest.approx(rate["ndcg@10"])  # the order by P(rate) is kept
     assert evaluate_ranking(_TableModel(table, torch.arange(40)), features, tasks, parts.train,
                             parts.test, 40, 60, ks=(61,)) == {}  # K above the catalogue: left out
