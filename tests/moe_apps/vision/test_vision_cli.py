@@ -14,6 +14,7 @@ from run_faults import assert_kill_then_resume_is_exact
 from typer.testing import CliRunner
 
 from moe_apps.cli import app
+from moe_apps.vision.config import ModelConfig
 
 runner = CliRunner()
 
@@ -44,7 +45,7 @@ def test_eval_json_and_plots(trained: Path, cifar_data: Path) -> None:
     assert len(report["per_class_accuracy"]) == 10
     assert sum(map(sum, report["confusion_matrix"])) == 240
     fractions = report["expert_fraction_by_class"]["stage2"]
-    assert len(fractions) == 10 and all(len(row) == 4 for row in fractions)
+    assert len(fractions) == 10 and all(len(row) == ModelConfig().num_experts for row in fractions)
     for name in ("confusion.png", "experts_by_class.png", "confident_errors.png"):
         assert (trained / name).read_bytes()[:4] == b"\x89PNG"
     plain = runner.invoke(app, ["vision", "eval", str(trained), "--no-tta", "--data-dir", str(cifar_data)])
@@ -55,8 +56,8 @@ def test_condconv_eval_plots_which_kernels_each_class_uses(cifar_data: Path, tmp
     """condconv mixes every kernel; its heatmap counts the kernel with the largest mixing weight
     of each image, per conv of its expert stage (as moe counts its top-1 expert)."""
     out = tmp_path / "condconv"
-    trained = runner.invoke(app, ["vision", "train", "--preset", "smoke", "--model", "condconv", "--epochs", "1",
-                                  "--data-dir", str(cifar_data), "--out", str(out), "--no-progress"])
+    trained = runner.invoke(app, ["vision", "train", "--preset", "smoke", "--model", "condconv", "--num-experts", "4",
+                                  "--epochs", "1", "--data-dir", str(cifar_data), "--out", str(out), "--no-progress"])
     assert trained.exit_code == 0, trained.output
     result = runner.invoke(app, ["vision", "eval", str(out), "--json", "--no-tta", "--data-dir", str(cifar_data)])
     assert result.exit_code == 0, result.output

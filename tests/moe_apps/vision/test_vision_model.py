@@ -62,8 +62,8 @@ def test_dense_has_the_flops_of_moe(top_k: int, stages: tuple[int, ...]) -> None
 
 
 def test_dense_wide_has_the_parameters_of_moe() -> None:
-    moe = build_model(ModelConfig(model="moe"))
-    wide = build_model(ModelConfig(model="dense-wide"))
+    moe = build_model(ModelConfig(model="moe", num_experts=4))
+    wide = build_model(ModelConfig(model="dense-wide", num_experts=4))
     assert count_parameters(wide) == pytest.approx(count_parameters(moe), rel=0.01)
     assert wide.widths[2] > 2 * moe.widths[2]  # one stage, 2.4x wider: 1.5x the FLOPs of moe
     assert flops_per_image(wide.config, wide.widths) > 1.4 * flops_per_image(moe.config, moe.widths)
