@@ -103,7 +103,7 @@ def eval_command(
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, value in report["per_class_accuracy"].items():
-        table.add_row(name, f"{value:.2%}")
+        table.add_row(name, "no test images" if value is None else f"{value:.2%}")
     Console().print(table)
     Console().print(f"plots written to {run}/ (confusion.png, confident_errors.png"
                     f"{', experts_by_class.png' if report['expert_fraction_by_class'] else ''})",

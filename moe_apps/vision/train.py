@@ -276,7 +276,8 @@ def evaluate_model(model: VisionNet, config: VisionConfig, data: VisionData, run
 
 def eval_report(preds: Predictions, test: Split, class_names: list[str], num_experts: int, *,
                 tta: bool) -> dict[str, Any]:
-    """Accuracy (fraction), per-class accuracy, the confusion matrix and expert use per class."""
+    """Accuracy (fraction), per-class accuracy (None for a class without test images, e.g. under
+    ``test_limit``), the confusion matrix and expert use per class."""
     from sklearn.metrics import confusion_matrix
 
     from moe_apps.vision.plots import expert_fractions
@@ -284,7 +285,8 @@ def eval_report(preds: Predictions, test: Split, class_names: list[str], num_exp
     predicted = preds.probs_NC.argmax(1).numpy()
     truth = test.labels.numpy()
     matrix = confusion_matrix(truth, predicted, labels=list(range(len(class_names))))
-    per_class = {name: float(matrix[i, i] / max(1, matrix[i].sum())) for i, name in enumerate(class_names)}
+    per_class = {name: float(matrix[i, i] / matrix[i].sum()) if matrix[i].sum() else None
+                 for i, name in enumerate(class_names)}
     experts = {stage: frac.tolist() for stage, frac in
                expert_fractions(preds, test.labels, len(class_names), num_experts).items()}
     return {"accuracy": float((predicted == truth).mean()), "images": int(len(truth)), "tta": tta,

@@ -239,3 +239,33 @@ def test_param_groups_cover_every_parameter_once(model_name: str, scale: float) 
         expert_param = model.groups[2].moe.experts.experts[3].conv1.weight
         assert any(p is expert_param for p in groups["expert_weights"]["params"])
     assert expert_lr_scale(ModelConfig(model="moe", num_experts=8, top_k=2)) == 4.0
+
+
+def test_eval_report_per_class_accuracy_by_hand() -> None:
+    """Per-class accuracy against a hand count; a class without test images is None, not 0."""
+    from moe_apps.vision.data import Split
+    from moe_apps.vision.task import Predictions
+    from moe_apps.vision.train import eval_report
+
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    predicted = torch.tensor([0, 1, 0, 1, 0, 2])
+    probs = torch.nn.functional.one_hot(predicted, 4).float()
+    report = eval_report(Predictions(probs, {}), Split(torch.zeros(6, 3, 32, 32, dtype=torch.uint8), labels),
+                         ["a", "b", "c", "d"], 2, tta=False)
+    assert report["per_class_accuracy"] == {"a": 2 / 3, "b": 1.0, "c": 0.5, "d": None}
+    assert report["accuracy"] == 4 / 6
+
+
+def test_channels_last_grad_is_identity_with_a_channels_last_gradient() -> None:
+    from moe_apps.vision.model import channels_last_grad
+
+    leaf = torch.randn(2, 3, 4, 5).requires_grad_()
+    x = (leaf * 2).contiguous(memory_format=torch.channels_last)
+    received = []
+    x.register_hook(received.append)  # the gradient channels_last_grad hands back to x
+    y = channels_last_grad(x)
+    assert torch.equal(y, x)
+    upstream = torch.randn(2, 3, 4, 5)  # contiguous NCHW, as a concatenation hands it back
+    y.backward(upstream)
+    assert torch.equal(received[0], upstream) and torch.equal(leaf.grad, 2 * upstream)
+    assert received[0].is_contiguous(memory_format=torch.channels_last)
