@@ -20,10 +20,12 @@ time too). Seed 0 throughout.
 
     .venv/bin/python benchmarks/recsys_ranking.py [--models pop,bpr,shared_bottom,mmoe,ple]
         [--folds u1,u2,u3 | --folds recbole] [--epochs N] [--threads 1] [--data-dir PATH] [--json]
+    .venv/bin/python benchmarks/recsys_ranking.py --from-json u1.json u2.json ... [--json]
 
-The JSON maps each model to ``{metric: {mean, std, folds}}``; ``differences`` holds, per
-multi-gate model, the per-fold NDCG@10 difference to shared-bottom (mean, std) and, per model,
-NDCG@10 relative to ``pop``.
+The JSON maps each model to ``{metric: {mean, std, folds}}``, ``fold_names`` to the folds in that
+order; ``differences`` holds, per multi-gate model, the per-fold NDCG@10 difference to
+shared-bottom (mean, std) and, per model, NDCG@10 relative to ``pop``. ``--from-json`` merges the
+JSONs of runs over different folds (e.g. run side by side) and prints the table of all of them.
 """
 
 from __future__ import annotations
@@ -143,7 +145,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         help="torch threads (default 1: on 2 shared cores one thread ran 5-10x faster than 2)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    parser.add_argument("--from-json", nargs="+", default=None,
+                        help="merge these JSON outputs (runs over different folds) instead of training")
     args = parser.parse_args(argv)
+    if args.from_json:
+        per_fold, seconds, folds = _merge([Path(p) for p in args.from_json], parser)
+        return _report(per_fold, seconds, folds, args.json)
     models = [m.replace("-", "_") for m in args.models.split(",")]
     folds = args.folds.split(",")
     unknown = [m for m in models if m not in ("pop", "bpr", *NETWORKS)] + [f for f in folds if f not in FOLDS]
@@ -151,7 +158,6 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         parser.error(f"unknown model or fold {unknown}; models: pop, bpr, {', '.join(NETWORKS)}; folds: {FOLDS}")
     torch.set_num_threads(args.threads)
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(stderr=args.json, width=200)
     data = load_movielens("movielens-100k", args.data_dir)
@@ -175,8 +181,45 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             seconds.setdefault(model, []).append(elapsed)
             console.print(f"{fold} {model:14s} " + "  ".join(f"{k} {metrics[k]:.4f}" for k in KEYS[:4])
                           + f"  ndcg@20 {metrics['ndcg@20']:.4f}  {elapsed:.1f}s", highlight=False)
-    table = Table(title=f"ML-100K full ranking, folds {','.join(folds)}: test mean ± std "
-                        f"(torch threads {torch.get_num_threads()})")
+    return _report(per_fold, seconds, folds, args.json, torch.get_num_threads())
+
+
+def _merge(paths: list[Path], parser: argparse.ArgumentParser) -> tuple[dict, dict, list[str]]:
+    """Per-fold values of several JSON outputs, concatenated in the order given."""
+    per_fold: dict[str, dict[str, list[float]]] = {}
+    seconds: dict[str, list[float]] = {}
+    folds: list[str] = []
+    for path in paths:
+        try:
+            raw = json.loads(path.read_text())
+            names = raw["fold_names"]
+            models = {m: v for m, v in raw.items() if m not in ("differences", "fold_names")}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            parser.error(f"{path} is not a JSON output of this script ({error})")
+        repeated = sorted(set(names) & set(folds))
+        if repeated:
+            parser.error(f"{path} repeats folds {repeated}; merge runs over different folds")
+        folds += names
+        for model, metrics in models.items():
+            row = per_fold.setdefault(model, {})
+            for key, value in metrics.items():
+                target = seconds.setdefault(model, []) if key == "seconds" else row.setdefault(key, [])
+                target.extend(value["folds"])
+    short = [m for m, row in per_fold.items() if len(seconds.get(m, [])) != len(folds)]
+    if short:
+        parser.error(f"models {short} are missing from some of the JSONs; merge runs of the same --models")
+    return per_fold, seconds, folds
+
+
+def _report(per_fold: dict[str, dict[str, list[float]]], seconds: dict[str, list[float]], folds: list[str],
+            as_json: bool, threads: int | None = None) -> dict[str, object]:
+    """Print the table and differences of ``per_fold``; the JSON (printed with ``as_json``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=as_json, width=200)
+    threads_note = f" (torch threads {threads})" if threads is not None else ""
+    table = Table(title=f"ML-100K full ranking, folds {','.join(folds)}: test mean ± std{threads_note}")
     shown = ("ndcg@10", "recall@10", "hit@10", "mrr@10", "ndcg@20", "recall@20", "liked_ndcg@10")
     for column in ("model", *shown, "s / run"):
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -201,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     result = {model: {k: _summary(v) for k, v in row.items()} | {"seconds": _summary(seconds[model])}
               for model, row in per_fold.items()}
     result["differences"] = differences
-    if args.json:
+    result["fold_names"] = folds
+    if as_json:
         print(json.dumps(result))
     return result
 

@@ -32,3 +32,48 @@ def test_benchmark_json_has_every_model_metric_and_difference(tmp_path: Path, ca
     assert diff["folds"] == [m - s for m, s in zip(result["mmoe"]["ndcg@10"]["folds"],
                                                     result["shared_bottom"]["ndcg@10"]["folds"], strict=True)]
     assert set(result["differences"]) >= {"bpr/pop ndcg@10 - 1", "mmoe/pop ndcg@10 - 1"}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("recsys_ranking", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _one_fold_json(path: Path, fold: str, values: dict[str, float]) -> Path:
+    """A hand-written one-fold output: every shown metric of a model = its value in ``values``."""
+    keys = ("ndcg@10", "recall@10", "hit@10", "mrr@10", "ndcg@20", "recall@20", "liked_ndcg@10")
+    raw = {model: {k: {"mean": v, "std": 0.0, "folds": [v]} for k in keys}
+           | {"seconds": {"mean": 1.0, "std": 0.0, "folds": [1.0]}} for model, v in values.items()}
+    path.write_text(json.dumps(raw | {"differences": {}, "fold_names": [fold]}))
+    return path
+
+
+def test_from_json_merges_folds_and_recomputes_differences(tmp_path: Path, capsys) -> None:
+    module = _load_script()
+    a = _one_fold_json(tmp_path / "a.json", "u1", {"pop": 0.2, "shared_bottom": 0.3, "mmoe": 0.35})
+    b = _one_fold_json(tmp_path / "b.json", "u2", {"pop": 0.1, "shared_bottom": 0.25, "mmoe": 0.24})
+    module.main(["--from-json", str(a), str(b), "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["fold_names"] == ["u1", "u2"]
+    assert result["mmoe"]["ndcg@10"]["folds"] == [0.35, 0.24]
+    assert abs(result["mmoe"]["ndcg@10"]["mean"] - 0.295) < 1e-12
+    diff = result["differences"]["mmoe-shared_bottom ndcg@10"]
+    assert [round(d, 12) for d in diff["folds"]] == [0.05, -0.01]
+    assert abs(diff["std"] - 0.03) < 1e-12  # population std of +0.05 and -0.01
+    ratio = result["differences"]["shared_bottom/pop ndcg@10 - 1"]["folds"]
+    assert [round(r, 12) for r in ratio] == [0.5, 1.5]
+
+
+def test_from_json_refuses_repeated_folds_and_foreign_files(tmp_path: Path) -> None:
+    module = _load_script()
+    a = _one_fold_json(tmp_path / "a.json", "u1", {"pop": 0.2})
+    (tmp_path / "other.json").write_text('{"accuracy": 0.9}')
+    for paths in ([a, a], [a, tmp_path / "other.json"]):
+        try:
+            module.main(["--from-json", *map(str, paths)])
+        except SystemExit as stop:
+            assert stop.code == 2
+        else:
+            raise AssertionError(f"{paths} merged without an error")

@@ -35,7 +35,7 @@ def ranking_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def test_ranking_run_learns_three_tasks_and_reports_top_k(ranking_run: Path) -> None:
     config = json.loads((ranking_run / "config.json").read_text())["config"]
     assert [t["name"] for t in config["model"]["tasks"]] == ["rate", "like", "rating"]
-    assert config["negatives"] == 1 and config["split"] == "recbole"
+    assert config["negatives"] == 4 and config["split"] == "recbole"
     test = json.loads((ranking_run / "test_metrics.json").read_text())["metrics"]
     for key in ("rate_auc", "like_auc", "rating_rmse", *RANKING_KEYS, "liked_ndcg@10", "users_evaluated"):
         assert key in test, key
