@@ -77,8 +77,8 @@ def channels_last_grad(x: Tensor) -> Tensor:
     """``x``, with its gradient made channels_last in the backward pass. An expert's output reaches
     the loss through the dispatch's concatenation and scatter, which hand back a contiguous (NCHW)
     gradient; against the channels_last tensors GELU and BatchNorm saved, their backward then runs
-    a slow mixed-layout path (a moe step took 1.13 x dense's, 1.01 x with this; /tmp probe, both
-    interleaved in one process)."""
+    a slow mixed-layout path (a moe step took 1.13 x dense's in a probe, 1.01 x with this;
+    docs/BENCHMARKS.md, Vision)."""
     return _ChannelsLastGrad.apply(x) if x.is_contiguous(memory_format=torch.channels_last) else x
 
 
