@@ -15,12 +15,12 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 from torch import Tensor, nn
+from training_problem import Batch  # this folder is on sys.path (under pytest, and as a script)
 
 from moe_apps.training import TrainConfig, fit
 from moe_apps.training.run import start_run
@@ -29,15 +29,6 @@ from moe_core import ExpertBank, MoE, TopKRouter
 D, H, E, NUM_EXAMPLES, BATCH = 6, 10, 4, 48, 8
 APP, MODEL_CONFIG = "ep-synthetic", {"d": D, "hidden": H, "experts": E}
 STEPS_PER_EPOCH = NUM_EXAMPLES // (2 * BATCH)  # at 2 processes (and in one with merge=2)
-
-
-@dataclass
-class Batch:
-    x_BD: Tensor
-    y_B: Tensor
-
-    def to(self, device: torch.device) -> Batch:
-        return Batch(self.x_BD.to(device), self.y_B.to(device))
 
 
 class TinyEP(nn.Module):
