@@ -19,7 +19,8 @@ part) and ``recbole`` (per user a seeded random 80/10/10; the validation movies 
 time too). Seed 0 throughout.
 
     .venv/bin/python benchmarks/recsys_ranking.py [--models pop,bpr,shared_bottom,mmoe,ple]
-        [--folds u1,u2,u3 | --folds recbole] [--epochs N] [--threads 1] [--data-dir PATH] [--json]
+        [--folds u1,u2,u3 | --folds recbole] [--epochs N] [--patience N] [--monitor ndcg@10]
+        [--threads 1] [--data-dir PATH] [--json]
     .venv/bin/python benchmarks/recsys_ranking.py --from-json u1.json u2.json ... [--json]
 
 The JSON maps each model to ``{metric: {mean, std, folds}}``, ``fold_names`` to the folds in that
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 
 from moe_apps.datasets import MovieLensData, load_movielens
+from moe_apps.recsys.config import RANKING_MONITORS
 from moe_apps.recsys.ranking import KS, METRICS, full_ranking, interaction_matrix
 from moe_apps.recsys.splits import Parts, protocol_parts
 
@@ -117,7 +119,11 @@ def bpr(data: MovieLensData, parts: Parts, seed: int = 0, dim: int = 64, lr: flo
         return full_ranking(score, seen, relevant, liked).metrics
 
 
-def network(name: str, data: MovieLensData, fold: str, epochs: int | None) -> dict[str, float]:
+def network(name: str, data: MovieLensData, fold: str, epochs: int | None, patience: int | None = None,
+            monitor: str | None = None) -> dict[str, float]:
+    """Test metrics of the `ranking` preset with bottom ``name`` on ``fold``; ``epochs``,
+    ``patience`` and ``monitor`` (a validation ranking metric such as ndcg@10: higher is better)
+    override the preset's when given."""
     from rich.console import Console
 
     from moe_apps.recsys.config import get_preset
@@ -125,8 +131,10 @@ def network(name: str, data: MovieLensData, fold: str, epochs: int | None) -> di
 
     config = get_preset("ranking")
     config = replace(config, split=fold, model=replace(config.model, model=NETWORKS[name]))
-    if epochs is not None:
-        config = replace(config, epochs=epochs)
+    overrides = {"epochs": epochs, "patience": patience}
+    if monitor is not None:
+        overrides |= {"monitor": monitor, "monitor_mode": "max"}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     with tempfile.TemporaryDirectory() as tmp:
         outcome = train(config, Path(tmp) / "run", data=data, console=Console(quiet=True), progress=False)
     return outcome.test_metrics
@@ -141,6 +149,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--models", default="pop,bpr,shared_bottom,mmoe,ple")
     parser.add_argument("--folds", default="u1,u2,u3,u4,u5")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs of the networks (default: the preset's)")
+    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience of the networks")
+    parser.add_argument("--monitor", default=None,
+                        help="early-stop the networks on this validation ranking metric (e.g. ndcg@10) "
+                             "instead of the preset's validation loss")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on 2 shared cores one thread ran 5-10x faster than 2)")
     parser.add_argument("--data-dir", default=None)
@@ -156,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     unknown = [m for m in models if m not in ("pop", "bpr", *NETWORKS)] + [f for f in folds if f not in FOLDS]
     if unknown:
         parser.error(f"unknown model or fold {unknown}; models: pop, bpr, {', '.join(NETWORKS)}; folds: {FOLDS}")
+    if args.monitor is not None and args.monitor not in RANKING_MONITORS:
+        parser.error(f"--monitor must be a validation ranking metric: {', '.join(RANKING_MONITORS)}")
     torch.set_num_threads(args.threads)
     from rich.console import Console
 
@@ -172,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             elif model == "bpr":
                 metrics = bpr(data, parts)
             else:
-                metrics = network(model, data, fold, args.epochs)
+                metrics = network(model, data, fold, args.epochs, args.patience, args.monitor)
             elapsed = time.perf_counter() - started
             extra = [k for k in BY_RATE if k in metrics]
             row = per_fold.setdefault(model, {k: [] for k in (*REPORTED, *extra)})

@@ -29,6 +29,9 @@ DATASETS = ("movielens-100k", "movielens-1m")
 OFFICIAL_SPLITS = ("u1", "u2", "u3", "u4", "u5", "ua", "ub")
 SPLITS = (*OFFICIAL_SPLITS, "random", "temporal", "recbole")
 TASK_KINDS = ("binary", "regression")
+#: full-ranking metrics early stopping can watch (`moe_apps.recsys.ranking`, K = 10 and 20),
+#: measured each epoch on the validation part
+RANKING_MONITORS = tuple(f"{m}@{k}" for k in (10, 20) for m in ("recall", "ndcg", "hit", "mrr"))
 
 #: target functions of a rating (float array 1..5) -> float array; one line per new target.
 TARGETS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -164,7 +167,10 @@ class RecsysConfig:
         batch_size, eval_batch_size: ratings per training / evaluation batch.
         embedding_l2: coefficient of the L2 penalty on the embedding rows a batch looks up.
         epochs, lr, weight_decay, schedule, grad_clip, patience, monitor, monitor_mode, seed,
-        device, precision: handed to `moe_apps.training.TrainConfig`.
+        device, precision: handed to `moe_apps.training.TrainConfig`. ``monitor`` may also be a
+            ranking metric of `RANKING_MONITORS` (e.g. ``ndcg@10``, with ``monitor_mode="max"``):
+            each epoch then also ranks the whole catalogue for the validation part's users
+            (candidates: movies not in the fit part; relevant: their validation movies).
         importance_coef: weight of moe_core's gate "importance" loss (0 = off).
     """
 
@@ -215,8 +221,11 @@ class RecsysConfig:
         if self.embedding_l2 < 0 or self.importance_coef < 0:
             raise ValueError("embedding_l2 and importance_coef must be >= 0")
         metrics = {"loss"} | {m for t in self.model.tasks for m in t.metric_names}
-        if self.monitor not in metrics:
-            raise ValueError(f"monitor must be one of {sorted(metrics)}, got {self.monitor!r}")
+        if self.monitor not in metrics | set(RANKING_MONITORS):
+            raise ValueError(f"monitor must be one of {sorted(metrics)} or a validation ranking "
+                             f"metric ({', '.join(RANKING_MONITORS)}), got {self.monitor!r}")
+        if self.monitor in RANKING_MONITORS and self.monitor_mode != "max":
+            raise ValueError(f"monitor {self.monitor!r} is better when higher: set monitor_mode='max'")
 
     def train_config(self, *, progress: bool = True) -> TrainConfig:
         """The shared loop's `TrainConfig` for this run."""

@@ -16,7 +16,7 @@ Shape legend: B batch, T tasks, E_t experts of task t's gate.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,10 +162,14 @@ class RecsysTask:
     """Implements the `moe_apps.training.Task` protocol for the recsys models."""
 
     def __init__(self, tasks: Sequence[TaskSpec], embedding_l2: float,
-                 gate_labels: list[list[str]] | None = None) -> None:
+                 gate_labels: list[list[str]] | None = None,
+                 ranking: Callable[[nn.Module], dict[str, float]] | None = None) -> None:
+        """``ranking``: model -> full-ranking metrics of the validation part, added to every
+        validation (so early stopping can watch e.g. ``ndcg@10``); None = none."""
         if embedding_l2 < 0:
             raise ValueError(f"embedding_l2 must be >= 0, got {embedding_l2}")
         self.tasks, self.embedding_l2, self.gate_labels = tuple(tasks), embedding_l2, gate_labels
+        self.ranking = ranking
 
     def training_loss(self, model: nn.Module, batch: RecsysBatch) -> tuple[Tensor, dict[str, Tensor]]:
         out = model(batch)
@@ -180,4 +184,6 @@ class RecsysTask:
         result = predict(model, batches)
         metrics = task_metrics(self.tasks, result.targets_BT, result.predictions_BT, result.mask_BT)
         metrics.update(gate_metrics(self.tasks, result.gate_means, self.gate_labels))
+        if self.ranking is not None:
+            metrics.update(self.ranking(model))
         return metrics

@@ -26,7 +26,13 @@ from torch import nn
 
 from moe_apps.atomic import atomic_write
 from moe_apps.datasets import MovieLensData, Ratings, load_movielens, resolve_data_root
-from moe_apps.recsys.config import OFFICIAL_SPLITS, RecsysConfig, get_preset, with_vocab
+from moe_apps.recsys.config import (
+    OFFICIAL_SPLITS,
+    RANKING_MONITORS,
+    RecsysConfig,
+    get_preset,
+    with_vocab,
+)
 from moe_apps.recsys.data import Features, RecsysBatch, build_features, make_batch
 from moe_apps.recsys.implicit import held_out_batches, training_batches
 from moe_apps.recsys.model import build_model, count_parameters, gate_labels
@@ -100,11 +106,11 @@ def _eval_batches(config: RecsysConfig, run: RunData, ratings: Ratings) -> Itera
 
 
 def _ranking_metrics(model: nn.Module, config: RecsysConfig, run: RunData, relevant: Ratings,
-                     device: torch.device | str | None = None) -> dict[str, float]:
-    """Full-ranking top-K metrics (`moe_apps.recsys.ranking`): every movie not rated in the
-    training part is a candidate, ``relevant`` holds the test ratings."""
-    return evaluate_ranking(model, run.features, config.model.tasks, run.train, relevant,
-                            len(run.data.users), len(run.data.items), device=device,
+                     device: torch.device | str | None = None, seen: Ratings | None = None) -> dict[str, float]:
+    """Full-ranking top-K metrics (`moe_apps.recsys.ranking`): every movie not rated in ``seen``
+    (default: the training part) is a candidate, ``relevant`` holds the test ratings."""
+    return evaluate_ranking(model, run.features, config.model.tasks, run.train if seen is None else seen,
+                            relevant, len(run.data.users), len(run.data.items), device=device,
                             odds_ratio_U=rate_odds_ratio(config, run))
 
 
@@ -114,8 +120,17 @@ def rate_odds_ratio(config: RecsysConfig, run: RunData) -> torch.Tensor:
     return sampling_odds_ratio(run.fit, len(run.data.users), len(run.data.items), config.negatives)
 
 
-def _task(config: RecsysConfig) -> RecsysTask:
-    return RecsysTask(config.model.tasks, config.embedding_l2, gate_labels(config.model))
+def _task(config: RecsysConfig, run: RunData | None = None) -> RecsysTask:
+    """The loop's task; with ``run`` and a ranking ``monitor`` (`RANKING_MONITORS`), every
+    validation also ranks the catalogue for the validation part (candidates: movies not in the fit
+    part), so early stopping follows the lists rather than the losses."""
+    ranking = None
+    if run is not None and config.monitor in RANKING_MONITORS:
+        def ranking(model: nn.Module) -> dict[str, float]:
+            device = next(model.parameters()).device
+            metrics = _ranking_metrics(model, config, run, run.val, device, seen=run.fit)
+            return {k: v for k, v in metrics.items() if k in RANKING_MONITORS}
+    return RecsysTask(config.model.tasks, config.embedding_l2, gate_labels(config.model), ranking)
 
 
 def _gate_weights(metrics: dict[str, float], config: RecsysConfig,
@@ -177,6 +192,10 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
         if data_dir is None:  # continue on the data the run was trained on
             data_dir = saved_info.data_root
     resolve_device(config.device)  # a device this machine lacks fails here, before any write
+    if config.monitor in RANKING_MONITORS and current_context().enabled:
+        raise ValueError(f"monitor {config.monitor!r} ranks the catalogue with the whole model each "
+                         "epoch, which a torchrun (--nproc) run's sharded model is not; monitor "
+                         "'loss' or a task metric there")
     root = resolve_data_root(data_dir)
     run = prepare_data(config, root, data)
     config = with_vocab(config, run.features.vocab)
@@ -214,7 +233,7 @@ def _fit(config: RecsysConfig, run: RunData, run_dir: Path, resume: bool, consol
     the best checkpoint's weights (the trained one holds only this rank's shards)."""
     set_seed(config.seed)
     model = build_model(config.model)
-    task = _task(config)
+    task = _task(config, run)
     params = count_parameters(model)
     console.print(
         f"[bold]{config.model.model}[/bold] on {config.dataset} split {config.split}: "

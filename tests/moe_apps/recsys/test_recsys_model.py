@@ -177,3 +177,24 @@ def test_task_mix_trains_like_over_the_entire_space() -> None:
     assert float(like_loss) == pytest.approx(by_hand, rel=1e-5)
     assert float(entire_space_bce(logits[:, 0], logits[:, 1], targets[:, 1]).mean()) == pytest.approx(by_hand, rel=1e-5)
     assert float(rating_loss) == pytest.approx(((3.0 - 4.0) ** 2 + (3.0 - 2.0) ** 2) / 2)  # rated rows only
+
+
+def test_ranking_metrics_can_be_monitored() -> None:
+    from moe_apps.recsys import ranking
+    from moe_apps.recsys.config import RANKING_MONITORS
+
+    assert set(RANKING_MONITORS) == {f"{m}@{k}" for m in ranking.METRICS for k in ranking.KS}
+    assert RecsysConfig(monitor="ndcg@10", monitor_mode="max").monitor == "ndcg@10"
+    with pytest.raises(ValueError, match="monitor_mode='max'"):
+        RecsysConfig(monitor="ndcg@10")  # the default mode is min
+    with pytest.raises(ValueError, match="monitor must be one of"):
+        RecsysConfig(monitor="ndcg@5", monitor_mode="max")
+    config, net, batch = _setup("shared-bottom")
+    calls = []
+
+    def by_hand(model):
+        calls.append(model)
+        return {"ndcg@10": 0.25}
+
+    metrics = RecsysTask(config.model.tasks, 0.0, ranking=by_hand).evaluate(net.eval(), [batch])
+    assert calls == [net] and metrics["ndcg@10"] == 0.25 and "like_auc" in metrics

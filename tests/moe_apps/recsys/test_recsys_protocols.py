@@ -153,3 +153,46 @@ def test_a_user_who_rated_every_movie_gets_no_negatives() -> None:
     rated = torch.cat([b.mask_BT[:, 0] for b in batches])
     assert int((users[~rated] == 3).sum()) == 0 and int((users[rated] == 3).sum()) == 25
     assert len(users) == 25 * 40 + 2 * 25 * 39 and len(batches) == -(-len(users) // 100)
+
+
+def test_early_stopping_can_follow_the_validation_ranking(tmp_path) -> None:
+    """monitor="ndcg@10": every epoch ranks the catalogue for the validation part (candidates:
+    movies not in the fit part), the best epoch is the one with the highest val ndcg@10, and the
+    value logged is the best weights' full ranking of the validation movies."""
+    import json
+
+    from rich.console import Console
+
+    from moe_apps.recsys.config import RATE
+    from moe_apps.recsys.ranking import evaluate_ranking
+    from moe_apps.recsys.train import load_run, rate_odds_ratio, train
+
+    data = _random_data()
+    config = RecsysConfig(split="recbole", negatives=1, epochs=3, patience=None, batch_size=128,
+                          monitor="ndcg@10", monitor_mode="max", device="cpu", model=ModelConfig(
+                              model="mmoe", tasks=(RATE, LIKE, RATING), embedding_dim=4, num_experts=3,
+                              expert_dim=5, tower_dim=3))
+    out = train(config, tmp_path / "run", data=data, data_dir=tmp_path, console=Console(quiet=True),
+                progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ndcg = [row["val_ndcg@10"] for row in rows]
+    assert len(ndcg) == 3 and all(0 < v <= 1 for v in ndcg)
+    assert out.best_epoch == 1 + int(np.argmax(ndcg))
+    loaded = load_run(tmp_path / "run", data_dir=tmp_path, data=data)
+    run = loaded.run
+    by_hand = evaluate_ranking(loaded.model, run.features, config.model.tasks, run.fit, run.val,
+                               len(data.users), len(data.items), ks=(10,),
+                               odds_ratio_U=rate_odds_ratio(loaded.config, run))
+    assert out.val_metrics["ndcg@10"] == pytest.approx(by_hand["ndcg@10"], rel=1e-6)
+
+
+def test_a_ranking_monitor_under_torchrun_is_refused_before_any_write(tmp_path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import moe_apps.recsys.train as recsys_train
+
+    monkeypatch.setattr(recsys_train, "current_context", lambda: SimpleNamespace(enabled=True))
+    config = RecsysConfig(split="random", monitor="mrr@10", monitor_mode="max", device="cpu")
+    with pytest.raises(ValueError, match="torchrun"):
+        recsys_train.train(config, tmp_path / "run", data=_random_data(), data_dir=tmp_path)
+    assert not (tmp_path / "run").exists()

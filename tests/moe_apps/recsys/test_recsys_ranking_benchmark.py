@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from recsys_synthetic import write_random_ml100k
 
@@ -77,3 +78,29 @@ def test_from_json_refuses_repeated_folds_and_foreign_files(tmp_path: Path) -> N
             assert stop.code == 2
         else:
             raise AssertionError(f"{paths} merged without an error")
+
+
+def test_monitor_and_patience_reach_the_networks_config(tmp_path: Path, monkeypatch, capsys) -> None:
+    import moe_apps.recsys.train as recsys_train
+
+    write_random_ml100k(tmp_path)
+    module = _load_script()
+    seen = []
+
+    def fake_train(config, out_dir, **kwargs):
+        seen.append(config)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(recsys_train, "train", fake_train)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError, match="stop here"):
+            module.main(["--models", "mmoe", "--folds", "recbole", "--patience", "3", "--monitor", "mrr@10",
+                         "--data-dir", str(tmp_path)])
+        with pytest.raises(SystemExit):
+            module.main(["--models", "mmoe", "--monitor", "loss", "--data-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (seen[0].monitor, seen[0].monitor_mode, seen[0].patience) == ("mrr@10", "max", 3)
+    assert seen[0].epochs == 10  # the preset's
+    assert "--monitor must be a validation ranking metric" in capsys.readouterr().err
