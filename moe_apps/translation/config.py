@@ -135,7 +135,9 @@ class DataConfig:
             (length bucketing keeps the padding small).
         updates_per_epoch: optimizer steps between two validations (an "epoch" of the loop is
             this many batches of an endless stream of shuffled passes over the data), so that a
-            run is a fixed number of updates: ``train.epochs * updates_per_epoch``.
+            run is a fixed number of updates: ``train.epochs * updates_per_epoch``. Under torchrun
+            (``--nproc N``) the N processes share each epoch's batches: updates_per_epoch / N
+            optimizer steps, each on N batches (the same data per epoch, an N x larger batch).
         train_limit: use only the first N training pairs (None = all): for the smoke preset.
         val_limit: validate on the first N validation pairs (None = all 1,014).
     """

@@ -142,7 +142,8 @@ def train(config: TranslationConfig, out_dir: str | Path, *, resume: bool = Fals
             model = build_model(config.model).to(next(model.parameters()).device)
             load_checkpoint(result.best_checkpoint, model, app=APP, model_config=asdict(config.model))
         _write_json(run_dir / "train_summary.json", {
-            "updates": config.total_updates, "epochs_seconds": train_seconds,
+            "batches": config.total_updates, "optimizer_steps": config.total_updates // ctx.world_size,
+            "epochs_seconds": train_seconds,
             "fit_seconds_this_process": fit_seconds, "target_tokens": tokens,
             "target_tokens_per_s": tokens_per_s, "best_epoch": result.best_epoch,
             "val": result.best_metrics, "parameters": params})

@@ -26,6 +26,8 @@ def test_two_processes_train_a_run_that_one_process_evaluates_and_resumes(multi3
     assert experts and all(v.shape[0] == 4 for v in experts)  # every expert, by global index
     assert len(last["history"]) == 2 and last["global_step"] == 2 * 2  # 4 updates a pass / 2 ranks
     assert {"routing.json", "spm.model", "train_summary.json", "metrics.jsonl"} <= {p.name for p in out.iterdir()}
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (summary["batches"], summary["optimizer_steps"]) == (2 * 4, 2 * 2)  # 2 epochs of 4 batches
     scored = runner.invoke(app, ["translation", "eval", str(out), "--split", "val", "--json", *data])
     assert scored.exit_code == 0, scored.output
     assert json.loads(scored.output)["sentences"] > 0
