@@ -123,7 +123,8 @@ def rate_odds_ratio(config: RecsysConfig, run: RunData) -> torch.Tensor:
 def _task(config: RecsysConfig, run: RunData | None = None) -> RecsysTask:
     """The loop's task; with ``run`` and a ranking ``monitor`` (`RANKING_MONITORS`), every
     validation also ranks the catalogue for the validation part (candidates: movies not in the fit
-    part), so early stopping follows the lists rather than the losses."""
+    part), so early stopping follows the lists rather than the losses. Under torchrun every rank
+    validates, so the sharded model scores the same candidates on every rank."""
     ranking = None
     if run is not None and config.monitor in RANKING_MONITORS:
         def ranking(model: nn.Module) -> dict[str, float]:
@@ -192,21 +193,18 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
         if data_dir is None:  # continue on the data the run was trained on
             data_dir = saved_info.data_root
     resolve_device(config.device)  # a device this machine lacks fails here, before any write
-    if config.monitor in RANKING_MONITORS and current_context().enabled:
-        raise ValueError(f"monitor {config.monitor!r} ranks the catalogue with the whole model each "
-                         "epoch, which a torchrun (--nproc) run's sharded model is not; monitor "
-                         "'loss' or a task metric there")
     root = resolve_data_root(data_dir)
     run = prepare_data(config, root, data)
     config = with_vocab(config, run.features.vocab)
     with start_run(run_dir, app=APP, config=config.to_dict(), data_root=root, resume=resume):
-        result, model, task, ctx = _fit(config, run, run_dir, resume, console, progress)
+        result, model, ctx = _fit(config, run, run_dir, resume, console, progress)
         if not ctx.is_main:
             return TrainOutcome(run_dir, config, result.best_epoch, result.best_metrics, {},
                                 count_parameters(model), time.perf_counter() - started)
         device = next(model.parameters()).device
         model.eval()
-        test_metrics = task.evaluate(model, (b.to(device) for b in _eval_batches(config, run, run.test)))
+        # the test part: the per-task metrics (a task without the validation ranking), then its ranking
+        test_metrics = _task(config).evaluate(model, (b.to(device) for b in _eval_batches(config, run, run.test)))
         test_metrics.update(_ranking_metrics(model, config, run, run.test, device))
         seconds = time.perf_counter() - started
         _write_json(run_dir / "test_metrics.json", {"split": config.split, "best_epoch": result.best_epoch,
@@ -225,7 +223,7 @@ def train(config: RecsysConfig, out_dir: str | Path, *, resume: bool = False,
 
 
 def _fit(config: RecsysConfig, run: RunData, run_dir: Path, resume: bool, console: Any,
-         progress: bool) -> tuple[Any, nn.Module, RecsysTask, DistContext]:
+         progress: bool) -> tuple[Any, nn.Module, DistContext]:
     """Build the model (its initial weights depend on the seed alone) and run the shared loop.
 
     Under torchrun the loop trains it with its embedding tables sharded by torchrec
@@ -266,7 +264,7 @@ def _fit(config: RecsysConfig, run: RunData, run_dir: Path, resume: bool, consol
     if ctx.enabled:
         model = build_model(config.model).to(resolve_device(config.device))
         load_checkpoint(result.best_checkpoint, model, app=APP, model_config=model_config_dict(config))
-    return result, model, task, ctx
+    return result, model, ctx
 
 
 def model_config_dict(config: RecsysConfig) -> dict[str, Any]:

@@ -245,3 +245,31 @@ def test_train_nproc_2_shards_the_tables_and_evaluates_in_one_process(data_root,
     assert resumed.exit_code == 0, resumed.output
     assert f"resumed {out} at epoch {config.epochs + 1}" in " ".join(resumed.output.split())
     assert len((out / "metrics.jsonl").read_text().splitlines()) == config.epochs + 1
+
+
+def test_early_stopping_on_the_validation_ranking_under_torchrun(data_root, tmp_path):
+    """With monitor="ndcg@10" every rank ranks the validation part with the gathered weights: the
+    logged val ndcg@10 of the best epoch equals one process's ranking of the best checkpoint."""
+    from ranking_monitor_worker import CONFIG
+
+    from moe_apps.recsys.ranking import evaluate_ranking
+    from moe_apps.recsys.train import load_run, rate_odds_ratio
+
+    out = tmp_path / "ranked"
+    worker = Path(__file__).with_name("ranking_monitor_worker.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(worker), str(data_root), str(out)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ndcg = [row["val_ndcg@10"] for row in rows]
+    assert len(ndcg) == CONFIG.epochs and all(0 < v <= 1 for v in ndcg)
+    best = json.loads((out / "test_metrics.json").read_text())["best_epoch"]
+    assert best == 1 + ndcg.index(max(ndcg))
+    loaded = load_run(out, data_dir=data_root)
+    run = loaded.run
+    by_hand = evaluate_ranking(loaded.model, run.features, CONFIG.model.tasks, run.fit, run.val,
+                               len(run.data.users), len(run.data.items), ks=(10,),
+                               odds_ratio_U=rate_odds_ratio(loaded.config, run))
+    assert ndcg[best - 1] == pytest.approx(by_hand["ndcg@10"], rel=1e-6)

@@ -185,14 +185,3 @@ def test_early_stopping_can_follow_the_validation_ranking(tmp_path) -> None:
                                odds_ratio_U=rate_odds_ratio(loaded.config, run))
     assert out.val_metrics["ndcg@10"] == pytest.approx(by_hand["ndcg@10"], rel=1e-6)
 
-
-def test_a_ranking_monitor_under_torchrun_is_refused_before_any_write(tmp_path, monkeypatch) -> None:
-    from types import SimpleNamespace
-
-    import moe_apps.recsys.train as recsys_train
-
-    monkeypatch.setattr(recsys_train, "current_context", lambda: SimpleNamespace(enabled=True))
-    config = RecsysConfig(split="random", monitor="mrr@10", monitor_mode="max", device="cpu")
-    with pytest.raises(ValueError, match="torchrun"):
-        recsys_train.train(config, tmp_path / "run", data=_random_data(), data_dir=tmp_path)
-    assert not (tmp_path / "run").exists()
