@@ -8,7 +8,8 @@ RMSE and MAE for regression tasks, plus the weighted validation ``loss`` and, fo
 gates, the mean gate weight per task and expert (``gate_<task>_<expert>``: expert utilisation).
 A batch's ``mask_BT`` (pairs the user did not rate: only the implicit ``rated`` task has a label)
 restricts each task's loss and metrics to its labelled rows (the full-ranking metrics are
-`moe_apps.recsys.ranking`'s, added by `moe_apps.recsys.train` to the test metrics).
+`moe_apps.recsys.ranking`'s, added by `moe_apps.recsys.train` to the test metrics and, when early
+stopping follows one of them, to every validation through ``RecsysTask(ranking=...)``).
 
 Shape legend: B batch, T tasks, E_t experts of task t's gate.
 """
