@@ -170,7 +170,8 @@ class RecsysConfig:
         device, precision: handed to `moe_apps.training.TrainConfig`. ``monitor`` may also be a
             ranking metric of `RANKING_MONITORS` (e.g. ``ndcg@10``, with ``monitor_mode="max"``):
             each epoch then also ranks the whole catalogue for the validation part's users
-            (candidates: movies not in the fit part; relevant: their validation movies).
+            (candidates: movies not in the fit part; relevant: their validation movies), which
+            on ML-100K costs about 12 s per epoch at one thread (scoring every user-movie pair).
         importance_coef: weight of moe_core's gate "importance" loss (0 = off).
     """
 

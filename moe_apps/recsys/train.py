@@ -108,7 +108,8 @@ def _eval_batches(config: RecsysConfig, run: RunData, ratings: Ratings) -> Itera
 def _ranking_metrics(model: nn.Module, config: RecsysConfig, run: RunData, relevant: Ratings,
                      device: torch.device | str | None = None, seen: Ratings | None = None) -> dict[str, float]:
     """Full-ranking top-K metrics (`moe_apps.recsys.ranking`): every movie not rated in ``seen``
-    (default: the training part) is a candidate, ``relevant`` holds the test ratings."""
+    (default: the training part) is a candidate, ``relevant`` holds the test (or validation)
+    ratings."""
     return evaluate_ranking(model, run.features, config.model.tasks, run.train if seen is None else seen,
                             relevant, len(run.data.users), len(run.data.items), device=device,
                             odds_ratio_U=rate_odds_ratio(config, run))

@@ -248,7 +248,7 @@ def test_train_nproc_2_shards_the_tables_and_evaluates_in_one_process(data_root,
 
 
 def test_early_stopping_on_the_validation_ranking_under_torchrun(data_root, tmp_path):
-    """With monitor="ndcg@10" every rank ranks the validation part with the gathered weights: the
+    """With monitor="ndcg@10" every rank ranks the validation part with the sharded model: the
     logged val ndcg@10 of the best epoch equals one process's ranking of the best checkpoint."""
     from ranking_monitor_worker import CONFIG
 

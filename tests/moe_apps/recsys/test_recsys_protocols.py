@@ -184,4 +184,3 @@ def test_early_stopping_can_follow_the_validation_ranking(tmp_path) -> None:
                                len(data.users), len(data.items), ks=(10,),
                                odds_ratio_U=rate_odds_ratio(loaded.config, run))
     assert out.val_metrics["ndcg@10"] == pytest.approx(by_hand["ndcg@10"], rel=1e-6)
-

@@ -13,11 +13,16 @@ from recsys_synthetic import write_random_ml100k
 SCRIPT = Path(__file__).resolve().parents[3] / "benchmarks" / "recsys_ranking.py"
 
 
-def test_benchmark_json_has_every_model_metric_and_difference(tmp_path: Path, capsys) -> None:
-    write_random_ml100k(tmp_path)
+def _load_script():
     spec = importlib.util.spec_from_file_location("recsys_ranking", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_json_has_every_model_metric_and_difference(tmp_path: Path, capsys) -> None:
+    write_random_ml100k(tmp_path)
+    module = _load_script()
     threads = torch.get_num_threads()
     try:
         module.main(["--models", "pop,bpr,shared_bottom,mmoe", "--folds", "u1,recbole", "--epochs", "1",
@@ -33,13 +38,6 @@ def test_benchmark_json_has_every_model_metric_and_difference(tmp_path: Path, ca
     assert diff["folds"] == [m - s for m, s in zip(result["mmoe"]["ndcg@10"]["folds"],
                                                     result["shared_bottom"]["ndcg@10"]["folds"], strict=True)]
     assert set(result["differences"]) >= {"bpr/pop ndcg@10 - 1", "mmoe/pop ndcg@10 - 1"}
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("recsys_ranking", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _one_fold_json(path: Path, fold: str, values: dict[str, float]) -> Path:
@@ -72,12 +70,9 @@ def test_from_json_refuses_repeated_folds_and_foreign_files(tmp_path: Path) -> N
     a = _one_fold_json(tmp_path / "a.json", "u1", {"pop": 0.2})
     (tmp_path / "other.json").write_text('{"accuracy": 0.9}')
     for paths in ([a, a], [a, tmp_path / "other.json"]):
-        try:
+        with pytest.raises(SystemExit) as stop:
             module.main(["--from-json", *map(str, paths)])
-        except SystemExit as stop:
-            assert stop.code == 2
-        else:
-            raise AssertionError(f"{paths} merged without an error")
+        assert stop.value.code == 2, paths
 
 
 def test_monitor_and_patience_reach_the_networks_config(tmp_path: Path, monkeypatch, capsys) -> None:
