@@ -68,6 +68,7 @@ def step_times(rounds: int, batch_size: int, data_dir: str | None) -> dict:
         torch.manual_seed(0)
         net = build_model(ModelConfig(model=name))
         net.fit_whitening(images)
+        net.router_input_grad = recipe.router_input_grad  # as `train.prepare_model` sets it
         groups = param_groups(recipe)(net)
         opts[name] = torch.optim.SGD([{"params": g["params"], "lr": 1e-3} for g in groups],
                                      momentum=0.85, nesterov=True)

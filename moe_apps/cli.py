@@ -18,7 +18,7 @@ from moe_apps.vision.cli import app as vision_app
 
 app = typer.Typer(
     name="moe-apps",
-    help="Mixture-of-Experts apps: multi-task recommendation (MovieLens), data management.",
+    help="Mixture-of-Experts apps: multi-task recommendation (MovieLens), image classification (CIFAR-10), translation (Multi30k), data management.",
     no_args_is_help=True,
     add_completion=False,
 )

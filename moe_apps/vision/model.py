@@ -137,11 +137,13 @@ class ExpertStage(nn.Module):
         self.router_norm = nn.BatchNorm1d(c_in, affine=False, momentum=1.0 - bn_momentum)
         self.moe = MoE(router=DetachedSumRouter(c_in, num_experts, top_k), experts=experts)
 
-    def router_input(self, x: Tensor) -> Tensor:
-        return self.router_norm(x.float().mean(dim=(-2, -1)))
+    def router_input(self, x: Tensor, *, grad: bool = True) -> Tensor:
+        """The router's features; ``grad=False`` detaches them, so the router's losses and the
+        gate's gradient train the router alone and leave the backbone's features as they are."""
+        return self.router_norm((x if grad else x.detach()).float().mean(dim=(-2, -1)))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.moe(x, router_input=self.router_input(x))
+    def forward(self, x: Tensor, *, router_input_grad: bool = True) -> tuple[Tensor, Tensor]:
+        out = self.moe(x, router_input=self.router_input(x, grad=router_input_grad))
         return out.output, out.routing.expert_indices_TK
 
 
@@ -236,6 +238,7 @@ class VisionNet(nn.Module):
         self.groups = nn.ModuleList(groups)
         self.head = nn.Linear(c_in, NUM_CLASSES, bias=False)
         self.channels_last = True
+        self.router_input_grad = True  # training choices (the recipe's), not architecture
 
     def _group(self, stage: int, c_in: int, c_out: int) -> nn.Module:
         cfg = self.config
@@ -262,7 +265,7 @@ class VisionNet(nn.Module):
         experts: dict[str, Tensor] = {}
         for stage, group in enumerate(self.groups):
             if isinstance(group, ExpertStage):
-                x, experts[f"stage{stage}"] = group(x)
+                x, experts[f"stage{stage}"] = group(x, router_input_grad=self.router_input_grad)
             elif isinstance(group, CondConvGroup):
                 x, chosen = group(x)
                 experts.update({f"stage{stage}.{conv}": kernel_B1 for conv, kernel_B1 in chosen.items()})

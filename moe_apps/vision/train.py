@@ -138,6 +138,7 @@ def prepare_model(config: VisionConfig, data: VisionData) -> VisionNet:
     model = build_model(config.model)
     model.fit_whitening(data.train.images[:WHITENING_IMAGES])
     model.channels_last = config.recipe.channels_last
+    model.router_input_grad = config.recipe.router_input_grad
     return model
 
 

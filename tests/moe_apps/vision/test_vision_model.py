@@ -23,6 +23,7 @@ from moe_apps.vision.model import (
     count_parameters,
     flops_per_image,
 )
+from moe_core import collect_aux_losses
 
 SMALL = dict(widths=(16, 32, 32), whitening_width=8)
 
@@ -123,6 +124,27 @@ def test_the_router_learns_from_the_task_loss_with_top1() -> None:
     assert gate.grad is not None and gate.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_router_input_grad_decides_whether_router_losses_reach_the_backbone(grad: bool) -> None:
+    """The balance and z losses always train the gate; only with ``router_input_grad`` do they
+    reach the groups before the expert stage. The forward pass is the same either way."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="moe", **SMALL)).train()
+    model.fit_whitening(_images(64))
+    images = _images(32, seed=1)
+    model.router_input_grad = True
+    want = model(images).logits_BC.detach()
+    model.zero_grad()
+    model.router_input_grad = grad
+    torch.testing.assert_close(model(images).logits_BC, want)
+    sum(collect_aux_losses(model).values()).backward()
+    gate = model.groups[2].moe.router.inner.gate.weight
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    backbone = [p.grad for p in model.groups[:2].parameters() if p.requires_grad]
+    reached = any(g is not None and g.abs().sum() > 0 for g in backbone)
+    assert reached == grad
+
+
 def test_condconv_matches_a_per_image_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """Outputs and gradients (input, expert kernels, router gate) equal a per-image loop that mixes
     each image's kernel and convolves it alone, and the layer runs ONE grouped convolution."""
@@ -203,6 +225,13 @@ def test_config_round_trips_through_json() -> None:
 
     config = with_overrides(get_preset("smoke"), model="condconv", num_experts=3, seed=7)
     assert VisionConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_a_saved_recipe_from_before_router_input_grad_resumes_with_the_gradient() -> None:
+    raw = get_preset("smoke").to_dict()
+    assert raw["recipe"].pop("router_input_grad") is False  # the default now
+    assert VisionConfig.from_dict(raw).recipe.router_input_grad is True
+    assert VisionConfig.from_dict({"preset": "smoke"}).recipe.router_input_grad is False
 
 
 @pytest.mark.parametrize("model_name", ["condconv", "dense"])
