@@ -10,7 +10,9 @@ affine weight, convs dirac-initialised -> MaxPool(3) -> bias-free linear head x 
 
 `moe`: each chosen conv group is E copies of that group behind a top-k router
 (`moe_core.MoE` + `ModuleExperts`, sorted dispatch: each image runs only its k experts). The router
-sees the spatial mean of the group's input, batch-normalised (`ExpertStage`). Its combine weights are the top-k probabilities
+sees the spatial mean of the group's input, batch-normalised (`ExpertStage`), and by the recipe's
+default a detached copy of it (`VisionNet.router_input_grad`: the router's losses train the gate,
+not the features before it). Its combine weights are the top-k probabilities
 divided by their detached sum (`DetachedSumRouter`): in the forward pass they sum to 1 (so with
 k = 1 the chosen group's output passes unscaled, as in the dense backbone), while the router still
 gets the task's gradient through them (with plain renormalisation a top-1 weight is the constant 1).

@@ -243,6 +243,18 @@ def test_other_models_train_and_learn(model_name: str, cifar_data, tmp_path) -> 
     assert outcome.val_metrics["accuracy"] > 0.3  # 10 synthetic classes: chance is 0.1
 
 
+@pytest.mark.parametrize("grad", [True, False])
+def test_prepare_model_takes_the_recipes_router_input_grad(grad: bool, cifar_data) -> None:
+    from dataclasses import replace
+
+    from moe_apps.vision.data import make_splits
+    from moe_apps.vision.train import prepare_model
+
+    config = get_preset("smoke")
+    config = replace(config, recipe=replace(config.recipe, router_input_grad=grad))
+    assert prepare_model(config, make_splits(config, cifar_data)).router_input_grad is grad
+
+
 @pytest.mark.parametrize("model_name,scale", [("moe", 4.0), ("condconv", 4.0), ("dense", 1.0)])
 def test_param_groups_cover_every_parameter_once(model_name: str, scale: float) -> None:
     from moe_apps.vision.train import expert_lr_scale, param_groups
