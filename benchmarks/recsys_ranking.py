@@ -20,7 +20,7 @@ time too). Seed 0 throughout.
 
     .venv/bin/python benchmarks/recsys_ranking.py [--models pop,bpr,shared_bottom,mmoe,ple]
         [--folds u1,u2,u3 | --folds recbole] [--epochs N] [--patience N] [--monitor ndcg@10]
-        [--threads 1] [--data-dir PATH] [--json]
+        [--rate-softmax W] [--negatives N] [--threads 1] [--data-dir PATH] [--json]
     .venv/bin/python benchmarks/recsys_ranking.py --from-json u1.json u2.json ... [--json]
 
 The JSON maps each model to ``{metric: {mean, std, folds}}``, ``fold_names`` to the folds in that
@@ -119,11 +119,10 @@ def bpr(data: MovieLensData, parts: Parts, seed: int = 0, dim: int = 64, lr: flo
         return full_ranking(score, seen, relevant, liked).metrics
 
 
-def network(name: str, data: MovieLensData, fold: str, epochs: int | None, patience: int | None = None,
-            monitor: str | None = None) -> dict[str, float]:
-    """Test metrics of the `ranking` preset with bottom ``name`` on ``fold``; ``epochs``,
-    ``patience`` and ``monitor`` (a validation ranking metric such as ndcg@10: higher is better)
-    override the preset's when given."""
+def network(name: str, data: MovieLensData, fold: str, **overrides: object) -> dict[str, float]:
+    """Test metrics of the `ranking` preset with bottom ``name`` on ``fold``; ``overrides``
+    (`RecsysConfig` fields, e.g. ``epochs``, ``patience``, ``rate_softmax``; None = the preset's)
+    replace the preset's. A ``monitor`` (a validation ranking metric such as ndcg@10) is maximised."""
     from rich.console import Console
 
     from moe_apps.recsys.config import get_preset
@@ -131,9 +130,8 @@ def network(name: str, data: MovieLensData, fold: str, epochs: int | None, patie
 
     config = get_preset("ranking")
     config = replace(config, split=fold, model=replace(config.model, model=NETWORKS[name]))
-    overrides = {"epochs": epochs, "patience": patience}
-    if monitor is not None:
-        overrides |= {"monitor": monitor, "monitor_mode": "max"}
+    if overrides.get("monitor") is not None:
+        overrides |= {"monitor_mode": "max"}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     with tempfile.TemporaryDirectory() as tmp:
         outcome = train(config, Path(tmp) / "run", data=data, console=Console(quiet=True), progress=False)
@@ -153,6 +151,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--monitor", default=None,
                         help="early-stop the networks on this validation ranking metric (e.g. ndcg@10) "
                              "instead of the preset's validation loss")
+    parser.add_argument("--rate-softmax", type=float, default=None,
+                        help="weight of the sampled softmax on the rate logit (default: the preset's, 0 = off)")
+    parser.add_argument("--negatives", type=int, default=None,
+                        help="unrated movies drawn per rating (default: the preset's)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on 2 shared cores one thread ran 5-10x faster than 2)")
     parser.add_argument("--data-dir", default=None)
@@ -186,7 +188,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             elif model == "bpr":
                 metrics = bpr(data, parts)
             else:
-                metrics = network(model, data, fold, args.epochs, args.patience, args.monitor)
+                metrics = network(model, data, fold, epochs=args.epochs, patience=args.patience,
+                                  monitor=args.monitor, rate_softmax=args.rate_softmax,
+                                  negatives=args.negatives)
             elapsed = time.perf_counter() - started
             extra = [k for k in BY_RATE if k in metrics]
             row = per_fold.setdefault(model, {k: [] for k in (*REPORTED, *extra)})

@@ -164,6 +164,9 @@ class RecsysConfig:
         history_dropout: probability of dropping each movie of a training rating's history.
         negatives: unrated movies drawn per rating for a task with an implicit target (``rate``):
             afresh each training epoch, once (fixed) for validation and test; 0 = ratings only.
+        rate_softmax: weight of a sampled-softmax loss on the ``rate`` logit beside its BCE: each
+            training rating against its own ``negatives`` unrated movies (`moe_apps.recsys.task.
+            sampled_softmax`; the batches keep each rating with its negatives). 0 = off.
         batch_size, eval_batch_size: ratings per training / evaluation batch.
         embedding_l2: coefficient of the L2 penalty on the embedding rows a batch looks up.
         epochs, lr, weight_decay, schedule, grad_clip, patience, monitor, monitor_mode, seed,
@@ -180,6 +183,7 @@ class RecsysConfig:
     val_fraction: float = 0.05
     history_dropout: float = 0.5
     negatives: int = 0
+    rate_softmax: float = 0.0
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = 1024
     eval_batch_size: int = 8192
@@ -217,6 +221,10 @@ class RecsysConfig:
             raise ValueError(f"task {implicit[0]!r} is learned over unrated movies too: set negatives >= 1")
         if self.negatives and not implicit:
             raise ValueError("negatives > 0 needs a task with the implicit target 'rated' (e.g. RATE)")
+        if not (isinstance(self.rate_softmax, (int, float)) and 0 <= self.rate_softmax < math.inf):
+            raise ValueError(f"rate_softmax must be a finite number >= 0, got {self.rate_softmax!r}")
+        if self.rate_softmax and not implicit:
+            raise ValueError("rate_softmax > 0 needs a task with the implicit target 'rated' (e.g. RATE)")
         check_positive_int(self.batch_size, "batch_size")
         check_positive_int(self.eval_batch_size, "eval_batch_size")
         if self.embedding_l2 < 0 or self.importance_coef < 0:

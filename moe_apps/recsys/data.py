@@ -193,12 +193,13 @@ class RecsysBatch:
     user_B: Tensor
     item_B: Tensor
     mask_BT: Tensor | None = None  # bool, False where a task has no label (unrated pairs); None = all
+    group_B: Tensor | None = None  # int64, a rating and its own sampled unrated movies share an id
 
     def to(self, device: torch.device | str) -> RecsysBatch:
-        mask = None if self.mask_BT is None else self.mask_BT.to(device)
+        mask, group = (None if t is None else t.to(device) for t in (self.mask_BT, self.group_B))
         return RecsysBatch(self.sparse.to(device), self.dense_BF.to(device),
                            self.targets_BT.to(device), self.user_B.to(device), self.item_B.to(device),
-                           mask)
+                           mask, group)
 
     def __len__(self) -> int:
         return len(self.user_B)
@@ -206,11 +207,13 @@ class RecsysBatch:
 
 def make_batch(features: Features, tasks: Sequence[TaskSpec], user_B: Tensor, item_B: Tensor,
                rating_B: np.ndarray | None, *, in_fit_B: Tensor | None = None,
-               history_dropout: float = 0.0, generator: torch.Generator | None = None) -> RecsysBatch:
+               history_dropout: float = 0.0, generator: torch.Generator | None = None,
+               group_B: Tensor | None = None) -> RecsysBatch:
     """One batch; ``in_fit_B`` (bool) marks rows whose rating is in the fit part, whose movie is
     then left out of the history and whose counts are lowered by one (default: all False).
     A rating of 0 marks a pair the user did not rate: only `IMPLICIT_TARGETS` tasks are labelled
-    there (``mask_BT``).
+    there (``mask_BT``). ``group_B`` (optional) ties each rating to its own sampled unrated
+    movies, for the sampled-softmax loss.
     ``history_dropout`` drops each history movie with that probability (training-time
     regularisation, like the node dropout of GC-MC, van den Berg et al. 2017)."""
     in_fit_B = torch.zeros(len(user_B), dtype=torch.bool) if in_fit_B is None else in_fit_B
@@ -236,7 +239,7 @@ def make_batch(features: Features, tasks: Sequence[TaskSpec], user_B: Tensor, it
         if not bool(rated_B.all()):
             mask_BT = torch.stack([torch.ones_like(rated_B) if t.target in IMPLICIT_TARGETS
                                    else rated_B for t in tasks], 1)
-    return RecsysBatch(sparse, dense_BF, targets_BT.float(), user_B, item_B, mask_BT)
+    return RecsysBatch(sparse, dense_BF, targets_BT.float(), user_B, item_B, mask_BT, group_B)
 
 
 @dataclass(frozen=True)

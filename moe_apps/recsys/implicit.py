@@ -10,6 +10,12 @@ user, so both classes have the same user mix; a user who has rated every movie g
 documented answer to "nothing left to draw"). The draw depends only on the seed, e.g.
 ``(run seed, epoch)``: a fresh set each epoch, the same set again on resume.
 
+``grouped`` batches keep each rating next to its own negatives (``RecsysBatch.group_B``), for a
+sampled-softmax loss on ``rate`` (each rating against its negatives; Jean et al. 2015, the
+sampled softmax of Covington et al. 2016's candidate generator): the groups are shuffled, not
+the rows, and a batch holds ``batch_size`` rows as before (a group cut by a batch boundary
+counts in neither part's softmax that lacks its rating or every negative).
+
 Shapes: N rows (ratings + negatives), U users, I movies.
 """
 
@@ -60,7 +66,7 @@ class ImplicitBatches:
 
     def __init__(self, features: Features, tasks: Sequence[TaskSpec], ratings: Ratings,
                  batch_size: int, *, negatives: int, seen_UI: Tensor, seed: Sequence[int],
-                 in_fit: bool, history_dropout: float = 0.0) -> None:
+                 in_fit: bool, history_dropout: float = 0.0, grouped: bool = False) -> None:
         if len(ratings) == 0:
             raise ValueError("cannot make batches from an empty set of ratings")
         if not isinstance(negatives, int) or negatives < 0:
@@ -70,6 +76,7 @@ class ImplicitBatches:
         self.features, self.tasks, self.ratings = features, tuple(tasks), ratings
         self.batch_size, self.negatives, self.seen_UI = batch_size, negatives, seen_UI
         self.seed, self.in_fit, self.history_dropout = tuple(seed), in_fit, history_dropout
+        self.grouped = grouped
 
     def _negative_users(self) -> Tensor:
         """The user of each negative: ``negatives`` per rating, except for a user who has rated
@@ -82,8 +89,10 @@ class ImplicitBatches:
         rows = len(self.ratings) + len(self._negative_users())
         return -(-rows // self.batch_size)
 
-    def rows(self) -> tuple[Tensor, Tensor, np.ndarray, Tensor]:
-        """(user_N, item_N, rating_N, in_fit_N) of the epoch, shuffled (negatives have rating 0)."""
+    def rows(self) -> tuple[Tensor, Tensor, np.ndarray, Tensor, Tensor | None]:
+        """(user_N, item_N, rating_N, in_fit_N, group_N) of the epoch (negatives have rating 0),
+        rows shuffled; if ``grouped``, the rating groups shuffled instead, each rating first and
+        ``group_N`` its group's position (else None)."""
         generator = torch.Generator().manual_seed(
             int(np.random.default_rng(list(self.seed)).integers(2**62)))
         user_P = torch.as_tensor(self.ratings.user, dtype=torch.int64)
@@ -95,18 +104,25 @@ class ImplicitBatches:
                                    np.zeros(len(user_M), dtype=np.float32)])
         in_fit_N = torch.cat([torch.full((len(user_P),), self.in_fit),
                               torch.zeros(len(user_M), dtype=torch.bool)])
-        order = torch.randperm(len(user_N), generator=generator)
-        return user_N[order], item_N[order], rating_N[order.numpy()], in_fit_N[order]
+        if not self.grouped:
+            order = torch.randperm(len(user_N), generator=generator)
+            return user_N[order], item_N[order], rating_N[order.numpy()], in_fit_N[order], None
+        rating_M = torch.nonzero(~self.seen_UI.all(1)[user_P]).squeeze(1).repeat(self.negatives)
+        position_P = torch.randperm(len(user_P), generator=generator)  # the groups' new order
+        group_N = position_P[torch.cat([torch.arange(len(user_P)), rating_M])]
+        group_N, order = torch.sort(group_N, stable=True)  # each rating before its negatives
+        return user_N[order], item_N[order], rating_N[order.numpy()], in_fit_N[order], group_N
 
     def __iter__(self) -> Iterator[RecsysBatch]:
-        user_N, item_N, rating_N, in_fit_N = self.rows()
+        user_N, item_N, rating_N, in_fit_N, group_N = self.rows()
         generator = torch.Generator().manual_seed(
             int(np.random.default_rng([*self.seed, 1]).integers(2**62)))
         for start in range(0, len(user_N), self.batch_size):
             part = slice(start, start + self.batch_size)
+            group_B = None if group_N is None else group_N[part] - group_N[start]
             yield make_batch(self.features, self.tasks, user_N[part], item_N[part], rating_N[part],
                              in_fit_B=in_fit_N[part], history_dropout=self.history_dropout,
-                             generator=generator)
+                             generator=generator, group_B=group_B)
 
 
 def uses_negatives(tasks: Sequence[TaskSpec]) -> bool:
@@ -116,14 +132,15 @@ def uses_negatives(tasks: Sequence[TaskSpec]) -> bool:
 
 def training_batches(features: Features, tasks: Sequence[TaskSpec], fit: Ratings, *, batch_size: int,
                      negatives: int, seen_UI: Tensor, seed: Sequence[int],
-                     history_dropout: float) -> RatingBatches | ImplicitBatches:
+                     history_dropout: float, grouped: bool = False) -> RatingBatches | ImplicitBatches:
     """One epoch's training batches: the fit ratings alone (``negatives == 0``) or mixed with
-    ``negatives`` unrated movies per rating drawn for this ``seed`` (e.g. (run seed, epoch))."""
+    ``negatives`` unrated movies per rating drawn for this ``seed`` (e.g. (run seed, epoch)),
+    ``grouped`` for a sampled softmax."""
     if negatives == 0:
         return RatingBatches(features, tasks, fit, batch_size, in_fit=True, seed=seed,
                              history_dropout=history_dropout)
     return ImplicitBatches(features, tasks, fit, batch_size, negatives=negatives, seen_UI=seen_UI,
-                           seed=seed, in_fit=True, history_dropout=history_dropout)
+                           seed=seed, in_fit=True, history_dropout=history_dropout, grouped=grouped)
 
 
 def held_out_batches(features: Features, tasks: Sequence[TaskSpec], ratings: Ratings, *,

@@ -1,9 +1,10 @@
 """The recsys `Task` for the shared training loop: weighted multi-task loss and per-task metrics.
 
-Loss: ``sum_t w_t * L_t + embedding_l2 * embedding_sq`` with ``L_t`` the binary cross-entropy on
+Loss: ``sum_t w_t * L_t + rate_softmax * S + embedding_l2 * embedding_sq`` with ``L_t`` the binary cross-entropy on
 the logit (binary tasks) or the mean squared error of the prediction (regression tasks), and
 ``embedding_sq`` the squared norms of the embedding rows the batch looked up (the usual per-example
-L2 of matrix factorisation). Metrics come from scikit-learn: ROC AUC and log loss for binary tasks,
+L2 of matrix factorisation) and ``S`` the optional sampled softmax of the ``rate`` logit, each
+training rating against its own sampled unrated movies (`sampled_softmax`). Metrics come from scikit-learn: ROC AUC and log loss for binary tasks,
 RMSE and MAE for regression tasks, plus the weighted validation ``loss`` and, for models with
 gates, the mean gate weight per task and expert (``gate_<task>_<expert>``: expert utilisation).
 A batch's ``mask_BT`` (pairs the user did not rate: only the implicit ``rated`` task has a label)
@@ -96,6 +97,23 @@ def entire_space_bce(rate_logit_B: Tensor, like_logit_B: Tensor, rated_and_liked
     return -(rated_and_liked_B * log_p + (1.0 - rated_and_liked_B) * log_not_p)
 
 
+def sampled_softmax(logit_B: Tensor, group_B: Tensor, positive_B: Tensor) -> Tensor:
+    """Mean over groups of ``-log softmax`` of the group's positive row among its rows: a rating
+    against its own sampled unrated movies (Jean et al. 2015; Covington et al. 2016). Only groups
+    with exactly one positive and at least one negative count (a group cut by a batch boundary may
+    lack either); 0 if none does. ``group_B``: int64 ids in ``[0, G)``; ``positive_B``: bool."""
+    num_groups = int(group_B.max()) + 1 if len(group_B) else 0
+    zeros_G = logit_B.new_zeros(num_groups)
+    max_G = torch.full_like(zeros_G, -math.inf).scatter_reduce(0, group_B, logit_B.detach(), "amax")
+    sum_exp_G = zeros_G.index_add(0, group_B, (logit_B - max_G[group_B]).exp())
+    positive_logit_G = zeros_G.index_add(0, group_B, torch.where(positive_B, logit_B, 0.0))
+    positives_G = torch.bincount(group_B[positive_B], minlength=num_groups)
+    valid_G = (positives_G == 1) & (torch.bincount(group_B, minlength=num_groups) > 1)
+    if not bool(valid_G.any()):
+        return logit_B.sum() * 0.0
+    return (max_G + sum_exp_G.log() - positive_logit_G)[valid_G].mean()
+
+
 def task_losses(tasks: Sequence[TaskSpec], logits_BT: Tensor, predictions_BT: Tensor,
                 targets_BT: Tensor, mask_BT: Tensor | None = None) -> list[Tensor]:
     """Unweighted per-task losses: BCE-with-logits (binary) or MSE (regression), each the mean
@@ -164,13 +182,19 @@ class RecsysTask:
 
     def __init__(self, tasks: Sequence[TaskSpec], embedding_l2: float,
                  gate_labels: list[list[str]] | None = None,
-                 ranking: Callable[[nn.Module], dict[str, float]] | None = None) -> None:
+                 ranking: Callable[[nn.Module], dict[str, float]] | None = None,
+                 rate_softmax: float = 0.0) -> None:
         """``ranking``: model -> full-ranking metrics of the validation part, added to every
-        validation (so early stopping can watch e.g. ``ndcg@10``); None = none."""
-        if embedding_l2 < 0:
-            raise ValueError(f"embedding_l2 must be >= 0, got {embedding_l2}")
+        validation (so early stopping can watch e.g. ``ndcg@10``); None = none. ``rate_softmax``:
+        weight of `sampled_softmax` on the ``rate`` logit for batches with ``group_B``."""
+        if embedding_l2 < 0 or rate_softmax < 0:
+            raise ValueError(f"embedding_l2 and rate_softmax must be >= 0, got {embedding_l2}, {rate_softmax}")
+        targets = [spec.target for spec in tasks]
+        if rate_softmax and RATE_TARGET not in targets:
+            raise ValueError(f"rate_softmax needs a task with the target {RATE_TARGET!r}")
         self.tasks, self.embedding_l2, self.gate_labels = tuple(tasks), embedding_l2, gate_labels
-        self.ranking = ranking
+        self.ranking, self.rate_softmax = ranking, rate_softmax
+        self.rate_index = targets.index(RATE_TARGET) if rate_softmax else None
 
     def training_loss(self, model: nn.Module, batch: RecsysBatch) -> tuple[Tensor, dict[str, Tensor]]:
         out = model(batch)
@@ -179,6 +203,11 @@ class RecsysTask:
         loss = sum(spec.loss_weight * value for spec, value in zip(self.tasks, losses, strict=True))
         loss = loss + self.embedding_l2 * out.embedding_sq
         logs = {f"{spec.name}_loss": v.detach() for spec, v in zip(self.tasks, losses, strict=True)}
+        if self.rate_index is not None and batch.group_B is not None:
+            r = self.rate_index
+            softmax = sampled_softmax(out.logits_BT[:, r].float(), batch.group_B, batch.targets_BT[:, r] > 0)
+            loss = loss + self.rate_softmax * softmax
+            logs["rate_softmax_loss"] = softmax.detach()
         return loss, logs
 
     def evaluate(self, model: nn.Module, batches: Iterable[RecsysBatch]) -> dict[str, float]:

@@ -132,7 +132,8 @@ def _task(config: RecsysConfig, run: RunData | None = None) -> RecsysTask:
             device = next(model.parameters()).device
             metrics = _ranking_metrics(model, config, run, run.val, device, seen=run.fit)
             return {k: v for k, v in metrics.items() if k in RANKING_MONITORS}
-    return RecsysTask(config.model.tasks, config.embedding_l2, gate_labels(config.model), ranking)
+    return RecsysTask(config.model.tasks, config.embedding_l2, gate_labels(config.model), ranking,
+                      rate_softmax=config.rate_softmax)
 
 
 def _gate_weights(metrics: dict[str, float], config: RecsysConfig,
@@ -247,7 +248,7 @@ def _fit(config: RecsysConfig, run: RunData, run_dir: Path, resume: bool, consol
     def train_batches(epoch: int) -> Iterable[RecsysBatch]:
         return training_batches(run.features, tasks, run.fit, batch_size=config.batch_size,
                                 negatives=config.negatives, seen_UI=seen_fit, seed=(config.seed, epoch),
-                                history_dropout=config.history_dropout)
+                                history_dropout=config.history_dropout, grouped=config.rate_softmax > 0)
 
     ctx = current_context()
     distribute = None

@@ -184,3 +184,82 @@ def test_early_stopping_can_follow_the_validation_ranking(tmp_path) -> None:
                                len(data.users), len(data.items), ks=(10,),
                                odds_ratio_U=rate_odds_ratio(loaded.config, run))
     assert out.val_metrics["ndcg@10"] == pytest.approx(by_hand["ndcg@10"], rel=1e-6)
+
+
+def test_grouped_batches_keep_each_rating_with_its_own_negatives() -> None:
+    data = _random_data()
+    features = build_features(data, data.ratings)
+    seen = interaction_matrix(data.ratings, 40, 60)
+    seen[3] = True  # user 3: nothing to draw, so its ratings are groups of one
+
+    def rows(grouped: bool, batch_size: int = 100) -> list:
+        return list(ImplicitBatches(features, (LIKE, RATING), data.ratings, batch_size, negatives=2,
+                                    seen_UI=seen, seed=(0, 0), in_fit=True, grouped=grouped))
+
+    plain, grouped = rows(False), rows(True)
+    assert all(b.group_B is None for b in plain)
+    key = [torch.cat([b.user_B * 100 + b.item_B for b in batches]).sort().values for batches in (plain, grouped)]
+    assert torch.equal(key[0], key[1])  # the same draws, only laid out by group
+    one = rows(True, batch_size=10_000)[0]  # one batch: every group whole
+    rated = one.mask_BT[:, 1]
+    groups = [torch.nonzero(one.group_B == g).squeeze(1) for g in range(int(one.group_B.max()) + 1)]
+    assert torch.equal(one.group_B, one.group_B.sort().values) and len(groups) == len(data.ratings)
+    for rows_g in groups:
+        first, rest = int(rows_g[0]), rows_g[1:]
+        assert bool(rated[first]) and not bool(rated[rest].any())  # the rating, then its negatives
+        assert bool((one.user_B[rows_g] == one.user_B[first]).all())
+        assert len(rest) == (0 if int(one.user_B[first]) == 3 else 2)
+        assert not seen[one.user_B[rest], one.item_B[rest]].any()
+    starts = [int(b.group_B[0]) for b in grouped]
+    assert starts == [0] * len(grouped)  # each batch numbers its groups from 0
+    assert sum(len(b) for b in grouped) == len(one) and max(len(b) for b in grouped) == 100
+
+
+def test_sampled_softmax_matches_a_per_group_reference() -> None:
+    import math
+
+    from moe_apps.recsys.task import sampled_softmax
+
+    gen = torch.Generator().manual_seed(0)
+    logit_B = torch.randn(11, generator=gen) * 3
+    group_B = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4])
+    positive_B = torch.tensor([1, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0], dtype=torch.bool)
+    # group 3 is a lone rating and group 4 a lone negative (cut by a batch boundary): left out
+    losses = []
+    for g in (0, 1, 2):
+        rows = [i for i in range(11) if int(group_B[i]) == g]
+        pos = next(i for i in rows if positive_B[i])
+        losses.append(math.log(sum(math.exp(float(logit_B[i])) for i in rows)) - float(logit_B[pos]))
+    got = sampled_softmax(logit_B, group_B, positive_B)
+    assert float(got) == pytest.approx(sum(losses) / 3, rel=1e-6)
+    lone = torch.tensor([9, 10])
+    x = logit_B.clone().requires_grad_()
+    sampled_softmax(x, group_B, positive_B).backward()
+    assert bool((x.grad[lone] == 0).all()) and float(x.grad[[0, 4, 5]].max()) < 0
+    assert float(sampled_softmax(x, torch.tensor([0] * 11), torch.ones(11, dtype=torch.bool))) == 0.0
+
+
+def test_rate_softmax_adds_its_weighted_term_to_the_training_loss() -> None:
+    from moe_apps.recsys.config import RATE
+    from moe_apps.recsys.task import RecsysTask, sampled_softmax
+
+    data = _random_data()
+    features = build_features(data, data.ratings)
+    seen = interaction_matrix(data.ratings, 40, 60)
+    tasks = (RATE, LIKE, RATING)
+    config = with_vocab(RecsysConfig(monitor="loss", negatives=2, rate_softmax=0.5, model=ModelConfig(
+        tasks=tasks, embedding_dim=4, num_experts=3, expert_dim=5, tower_dim=3)), features.vocab)
+    model = build_model(config.model).eval()
+    batch = next(iter(ImplicitBatches(features, tasks, data.ratings, 90, negatives=2, seen_UI=seen,
+                                      seed=(0, 0), in_fit=True, grouped=True)))
+    with torch.no_grad():
+        base, _ = RecsysTask(tasks, 0.05).training_loss(model, batch)
+        loss, logs = RecsysTask(tasks, 0.05, rate_softmax=0.5).training_loss(model, batch)
+        rate_logit = model(batch).logits_BT[:, 0]
+    expected = sampled_softmax(rate_logit, batch.group_B, batch.targets_BT[:, 0] > 0)
+    assert float(loss - base) == pytest.approx(0.5 * float(expected), rel=1e-5)
+    assert float(logs["rate_softmax_loss"]) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="rate_softmax"):
+        RecsysConfig(monitor="loss", rate_softmax=1.0)  # no rate task
+    with pytest.raises(ValueError, match="rate_softmax"):
+        RecsysConfig(monitor="loss", negatives=2, rate_softmax=-1.0, model=ModelConfig(tasks=tasks))
