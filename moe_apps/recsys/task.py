@@ -1,12 +1,13 @@
 """The recsys `Task` for the shared training loop: weighted multi-task loss and per-task metrics.
 
-Loss: ``sum_t w_t * L_t + rate_softmax * S + embedding_l2 * embedding_sq`` with ``L_t`` the binary cross-entropy on
-the logit (binary tasks) or the mean squared error of the prediction (regression tasks), and
-``embedding_sq`` the squared norms of the embedding rows the batch looked up (the usual per-example
-L2 of matrix factorisation) and ``S`` the optional sampled softmax of the ``rate`` logit, each
-training rating against its own sampled unrated movies (`sampled_softmax`). Metrics come from scikit-learn: ROC AUC and log loss for binary tasks,
-RMSE and MAE for regression tasks, plus the weighted validation ``loss`` and, for models with
-gates, the mean gate weight per task and expert (``gate_<task>_<expert>``: expert utilisation).
+Loss: ``sum_t w_t * L_t + rate_softmax * S + embedding_l2 * embedding_sq`` with ``L_t`` the binary
+cross-entropy on the logit (binary tasks) or the mean squared error of the prediction (regression
+tasks), ``S`` the optional sampled softmax of the ``rate`` logit (each training rating against its
+own sampled unrated movies, `sampled_softmax`) and ``embedding_sq`` the squared norms of the
+embedding rows the batch looked up (the usual per-example L2 of matrix factorisation). Metrics
+come from scikit-learn: ROC AUC and log loss for binary tasks, RMSE and MAE for regression tasks,
+plus the weighted validation ``loss`` and, for models with gates, the mean gate weight per task
+and expert (``gate_<task>_<expert>``: expert utilisation).
 A batch's ``mask_BT`` (pairs the user did not rate: only the implicit ``rated`` task has a label)
 restricts each task's loss and metrics to its labelled rows (the full-ranking metrics are
 `moe_apps.recsys.ranking`'s, added by `moe_apps.recsys.train` to the test metrics and, when early
