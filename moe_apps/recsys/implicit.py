@@ -78,15 +78,14 @@ class ImplicitBatches:
         self.seed, self.in_fit, self.history_dropout = tuple(seed), in_fit, history_dropout
         self.grouped = grouped
 
-    def _negative_users(self) -> Tensor:
-        """The user of each negative: ``negatives`` per rating, except for a user who has rated
-        every movie (nothing to draw; documented answer: that user's ratings get no negatives)."""
+    def _negative_ratings(self) -> Tensor:
+        """The rating each negative is drawn for: ``negatives`` per rating, except for a user who
+        has rated every movie (nothing to draw; documented answer: that user's ratings get none)."""
         user_P = torch.as_tensor(self.ratings.user, dtype=torch.int64)
-        has_unrated_P = ~self.seen_UI.all(1)[user_P]
-        return user_P[has_unrated_P].repeat(self.negatives)
+        return torch.nonzero(~self.seen_UI.all(1)[user_P]).squeeze(1).repeat(self.negatives)
 
     def __len__(self) -> int:
-        rows = len(self.ratings) + len(self._negative_users())
+        rows = len(self.ratings) + len(self._negative_ratings())
         return -(-rows // self.batch_size)
 
     def rows(self) -> tuple[Tensor, Tensor, np.ndarray, Tensor, Tensor | None]:
@@ -97,7 +96,8 @@ class ImplicitBatches:
             int(np.random.default_rng(list(self.seed)).integers(2**62)))
         user_P = torch.as_tensor(self.ratings.user, dtype=torch.int64)
         item_P = torch.as_tensor(self.ratings.item, dtype=torch.int64)
-        user_M = self._negative_users()
+        rating_M = self._negative_ratings()
+        user_M = user_P[rating_M]
         item_M = sample_unrated(self.seen_UI, user_M, generator)
         user_N, item_N = torch.cat([user_P, user_M]), torch.cat([item_P, item_M])
         rating_N = np.concatenate([self.ratings.rating.astype(np.float32),
@@ -107,7 +107,6 @@ class ImplicitBatches:
         if not self.grouped:
             order = torch.randperm(len(user_N), generator=generator)
             return user_N[order], item_N[order], rating_N[order.numpy()], in_fit_N[order], None
-        rating_M = torch.nonzero(~self.seen_UI.all(1)[user_P]).squeeze(1).repeat(self.negatives)
         position_P = torch.randperm(len(user_P), generator=generator)  # the groups' new order
         group_N = position_P[torch.cat([torch.arange(len(user_P)), rating_M])]
         group_N, order = torch.sort(group_N, stable=True)  # each rating before its negatives
