@@ -30,6 +30,7 @@ from moe_core.routers import (
     TopKRouter,
 )
 from moe_core.routing import Routing
+from moe_core.shared_core import SharedCore
 from moe_core.soft_moe import SoftMoE
 
 __version__ = "0.1.0"
@@ -55,6 +56,7 @@ __all__ = [
     "MultiGateOutput",
     "Routing",
     "RoutingStats",
+    "SharedCore",
     "SoftMoE",
     "SoftmaxRouter",
     "StatsAccumulator",

@@ -135,8 +135,9 @@ def predict_command(
                                "errors": [error_message(e) for e in errors]}))
     else:
         console = Console()
-        for result in results:
-            table = Table(title=result["file"])
+        for result in results:  # the path on its own line: a table title would wrap it
+            console.print(result["file"], style="bold", highlight=False, soft_wrap=True)
+            table = Table()
             table.add_column("class")
             table.add_column("probability", justify="right")
             for row in result["top"]:

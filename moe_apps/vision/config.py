@@ -45,6 +45,11 @@ class ModelConfig:
             of the images, and at this budget the data per expert, not capacity, limits it).
         top_k: experts per image (moe; checked to be in 1..E for every model).
         bn_momentum: airbench's 0.6 = weight of the old running statistic.
+        expert_core: moe only, off by default: the experts' conv kernels read a shared core plus
+            a per-expert residual (`moe_core.shared_core.SharedCore`, after RMoE): the core learns
+            from every image, a residual from its expert's images; the same compute per image,
+            E + 1 kernels stored for E. On the ``tune`` preset's validation slice (12 epochs, seed
+            0) 93.22% against 93.64% without it (docs/BENCHMARKS.md, Vision).
     """
 
     model: str = "moe"
@@ -55,6 +60,7 @@ class ModelConfig:
     bn_momentum: float = 0.6
     whitening_width: int = 24  # 2 x the 12 eigen-patches of a 2x2x3 patch
     logit_scale: float = 1 / 9
+    expert_core: bool = False
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -81,6 +87,8 @@ class ModelConfig:
         if self.whitening_width % 2:
             raise ValueError(f"whitening_width must be even (+- filter pairs), got {self.whitening_width}")
         _positive(self.logit_scale, "logit_scale")
+        if not isinstance(self.expert_core, bool):
+            raise ValueError(f"expert_core must be true or false, got {self.expert_core!r}")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ not the features before it). Its combine weights are the top-k probabilities
 divided by their detached sum (`DetachedSumRouter`): in the forward pass they sum to 1 (so with
 k = 1 the chosen group's output passes unscaled, as in the dense backbone), while the router still
 gets the task's gradient through them (with plain renormalisation a top-1 weight is the constant 1).
+With ``expert_core`` the experts' conv kernels read a shared core plus a per-expert residual
+(`moe_core.shared_core.SharedCore`, after RMoE, Wu et al. 2022): the core learns from every image,
+a residual from its expert's images only; the compute per image is unchanged.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_apps.vision.config import ModelConfig
-from moe_core import ModuleExperts, MoE, Routing, SoftmaxRouter, TopKRouter
+from moe_core import ModuleExperts, MoE, Routing, SharedCore, SoftmaxRouter, TopKRouter
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -130,12 +133,15 @@ class ExpertStage(nn.Module):
     """E conv groups behind a top-k router (`moe_core.MoE`). The router sees the spatial mean of
     the input, standardised per channel by a BatchNorm without affine parameters: the pooled
     post-GELU features share a large common component that would otherwise send every image to
-    the same expert once the BN biases move (they learn at 64 x the lr)."""
+    the same expert once the BN biases move (they learn at 64 x the lr). ``core``: the experts'
+    two conv kernels are a shared core plus per-expert residuals (`SharedCore`; E >= 2)."""
 
-    def __init__(self, c_in: int, c_out: int, num_experts: int, top_k: int, bn_momentum: float) -> None:
+    def __init__(self, c_in: int, c_out: int, num_experts: int, top_k: int, bn_momentum: float, *,
+                 core: bool = False) -> None:
         super().__init__()
-        experts = ModuleExperts([ConvGroup(c_in, c_out, bn_momentum) for _ in range(num_experts)],
-                                feature_dims=3)
+        groups = [ConvGroup(c_in, c_out, bn_momentum) for _ in range(num_experts)]
+        experts = ModuleExperts(groups, feature_dims=3)
+        self.core = SharedCore(groups, ["conv1.weight", "conv2.weight"]) if core and num_experts > 1 else None
         self.router_norm = nn.BatchNorm1d(c_in, affine=False, momentum=1.0 - bn_momentum)
         self.moe = MoE(router=DetachedSumRouter(c_in, num_experts, top_k), experts=experts)
 
@@ -246,7 +252,8 @@ class VisionNet(nn.Module):
         cfg = self.config
         if stage in cfg.expert_stages and cfg.model == "moe":
             self.stage_names.append(f"stage{stage}")
-            return ExpertStage(c_in, c_out, cfg.num_experts, cfg.top_k, cfg.bn_momentum)
+            return ExpertStage(c_in, c_out, cfg.num_experts, cfg.top_k, cfg.bn_momentum,
+                               core=cfg.expert_core)
         if stage in cfg.expert_stages and cfg.model == "condconv":
             return CondConvGroup(c_in, c_out, cfg.num_experts, cfg.bn_momentum)
         return ConvGroup(c_in, c_out, cfg.bn_momentum)
@@ -325,14 +332,16 @@ def _solve_width(config: ModelConfig, score) -> tuple[int, int, int]:
 def resolved_widths(config: ModelConfig) -> tuple[int, int, int]:
     """The widths `build_model` uses: ``config.widths`` for moe / condconv; for dense, the expert
     stages' width at which FLOPs per image equal moe's; for dense-wide, the width at which the
-    parameter count equals moe's."""
+    parameter count equals that of moe's E expert groups (a core's extra copy not counted)."""
     if config.model in ("moe", "condconv"):
         return config.widths
     moe = ModelConfig(**{**config.__dict__, "model": "moe"})
     if config.model == "dense":
         target = flops_per_image(moe)
         return _solve_width(config, lambda w: abs(flops_per_image(config, w) - target))
-    target = count_parameters(VisionNet(moe, moe.widths))
+    # the core re-parametrises E experts' kernels (E + 1 stored): moe can hold what E groups hold
+    plain_moe = ModelConfig(**{**moe.__dict__, "expert_core": False})
+    target = count_parameters(VisionNet(plain_moe, moe.widths))
     dense = ModelConfig(**{**config.__dict__, "model": "dense"})
     return _solve_width(config, lambda w: abs(_dense_parameters(dense, w) - target))
 

@@ -129,7 +129,12 @@ def param_groups(recipe: RecipeConfig, expert_scale: float = 1.0):
 
 
 def model_config_dict(config: VisionConfig) -> dict[str, Any]:
-    return asdict(config.model)
+    """What a checkpoint records of the model (and is checked against). ``expert_core`` only when
+    on, so checkpoints written before the option existed still match their own config."""
+    saved = asdict(config.model)
+    if not saved["expert_core"]:
+        del saved["expert_core"]
+    return saved
 
 
 def prepare_model(config: VisionConfig, data: VisionData) -> VisionNet:

@@ -63,9 +63,12 @@ def test_dense_has_the_flops_of_moe(top_k: int, stages: tuple[int, ...]) -> None
 
 
 def test_dense_wide_has_the_parameters_of_moe() -> None:
-    moe = build_model(ModelConfig(model="moe", num_experts=4))
-    wide = build_model(ModelConfig(model="dense-wide", num_experts=4))
+    """... of moe's E expert groups: a shared core stores one more copy of the two kernels."""
+    moe = build_model(ModelConfig(model="moe", num_experts=4, expert_core=False))
+    cored = build_model(ModelConfig(model="moe", num_experts=4, expert_core=True))
+    wide = build_model(ModelConfig(model="dense-wide", num_experts=4, expert_core=True))
     assert count_parameters(wide) == pytest.approx(count_parameters(moe), rel=0.01)
+    assert count_parameters(cored) == count_parameters(moe) + 2 * 9 * 256 * 256
     assert wide.widths[2] > 2 * moe.widths[2]  # one stage, 2.4x wider: 1.5x the FLOPs of moe
     assert flops_per_image(wide.config, wide.widths) > 1.4 * flops_per_image(moe.config, moe.widths)
 
@@ -203,6 +206,7 @@ def test_whitening_decorrelates_patches() -> None:
     (dict(model="condconv", top_k=5, num_experts=4), "top_k"),  # condconv mixes all E, yet k > E is no config
     (dict(expert_stages=(3,)), "expert stage"),
     (dict(model="mlp"), "model must be"),
+    (dict(expert_core=1), "expert_core must be true or false"),
 ])
 def test_impossible_model_configs_are_refused(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -234,6 +238,47 @@ def test_a_saved_recipe_from_before_router_input_grad_resumes_with_the_gradient(
     assert VisionConfig.from_dict({"preset": "smoke"}).recipe.router_input_grad is False
 
 
+def test_a_saved_model_from_before_expert_core_has_no_core_and_its_checkpoints_still_match() -> None:
+    from dataclasses import replace
+
+    from moe_apps.vision.train import model_config_dict
+
+    raw = get_preset("smoke").to_dict()
+    assert raw["model"].pop("expert_core") is False  # the default
+    old = VisionConfig.from_dict(raw)
+    assert old.model.expert_core is False and build_model(old.model).groups[2].core is None
+    assert model_config_dict(old) == raw["model"]  # what its checkpoints recorded
+    cored = replace(old, model=replace(old.model, expert_core=True))
+    assert model_config_dict(cored)["expert_core"] is True
+
+
+def test_expert_core_experts_start_identical_and_read_core_plus_residual() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(model="moe", expert_core=True, **SMALL))
+    stage = model.groups[2]
+    first, second = stage.moe.experts.experts
+    assert torch.equal(first.conv1.weight, second.conv1.weight)
+    assert torch.equal(first.conv2.weight, stage.core.cores[1])
+    with torch.no_grad():
+        second.conv1.parametrizations.weight.original.fill_(0.5)
+    torch.testing.assert_close(second.conv1.weight, stage.core.cores[0] + 0.5)
+    assert torch.equal(first.conv1.weight, stage.core.cores[0])
+
+
+def test_moe_with_an_expert_core_trains_and_its_run_loads(cifar_data, tmp_path) -> None:
+    from dataclasses import replace
+
+    from moe_apps.vision.train import load_run, train
+
+    config = get_preset("smoke")
+    config = replace(config, model=replace(config.model, expert_core=True))
+    outcome = train(config, tmp_path / "core", data_dir=cifar_data, progress=False, evaluate=False)
+    assert outcome.val_metrics["accuracy"] > 0.3  # 10 synthetic classes: chance is 0.1
+    stage = load_run(tmp_path / "core").model.groups[2]
+    first, second = stage.moe.experts.experts
+    assert not torch.equal(first.conv1.weight, second.conv1.weight)  # the residuals learned
+
+
 @pytest.mark.parametrize("model_name", ["condconv", "dense"])
 def test_other_models_train_and_learn(model_name: str, cifar_data, tmp_path) -> None:
     from moe_apps.vision.train import train
@@ -255,11 +300,12 @@ def test_prepare_model_takes_the_recipes_router_input_grad(grad: bool, cifar_dat
     assert prepare_model(config, make_splits(config, cifar_data)).router_input_grad is grad
 
 
-@pytest.mark.parametrize("model_name,scale", [("moe", 4.0), ("condconv", 4.0), ("dense", 1.0)])
-def test_param_groups_cover_every_parameter_once(model_name: str, scale: float) -> None:
+@pytest.mark.parametrize("model_name,core,scale", [
+    ("moe", False, 4.0), ("moe", True, 4.0), ("condconv", False, 4.0), ("dense", False, 1.0)])
+def test_param_groups_cover_every_parameter_once(model_name: str, core: bool, scale: float) -> None:
     from moe_apps.vision.train import expert_lr_scale, param_groups
 
-    config = ModelConfig(model=model_name, num_experts=4, top_k=1)
+    config = ModelConfig(model=model_name, num_experts=4, top_k=1, expert_core=core)
     model = build_model(config)
     assert expert_lr_scale(config) == scale
     recipe = RecipeConfig()
@@ -277,8 +323,11 @@ def test_param_groups_cover_every_parameter_once(model_name: str, scale: float) 
         assert groups["expert_weights"]["lr_scale"] == scale and groups["routers"]["lr_scale"] == recipe.router_lr_scale
     if model_name == "moe":
         assert groups["expert_norm_biases"]["lr_scale"] == recipe.bias_lr_scale * scale
-        expert_param = model.groups[2].moe.experts.experts[3].conv1.weight
+        conv = model.groups[2].moe.experts.experts[3].conv1
+        expert_param = conv.parametrizations.weight.original if core else conv.weight
         assert any(p is expert_param for p in groups["expert_weights"]["params"])
+    if core:  # the core learns from every image: a dense weight, at the backbone's lr
+        assert any(p is model.groups[2].core.cores[0] for p in groups["weights"]["params"])
     assert expert_lr_scale(ModelConfig(model="moe", num_experts=8, top_k=2)) == 4.0
 
 
