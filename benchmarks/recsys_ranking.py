@@ -26,7 +26,8 @@ time too). Seed 0 throughout.
 The JSON maps each model to ``{metric: {mean, std, folds}}``, ``fold_names`` to the folds in that
 order; ``differences`` holds, per multi-gate model, the per-fold NDCG@10 difference to
 shared-bottom (mean, std) and, per model, NDCG@10 relative to ``pop``. ``--from-json`` merges the
-JSONs of runs over different folds (e.g. run side by side) and prints the table of all of them.
+JSONs of runs over different folds, or of different models on one fold (e.g. run side by side),
+and prints the table of all of them.
 """
 
 from __future__ import annotations
@@ -203,29 +204,31 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
 
 def _merge(paths: list[Path], parser: argparse.ArgumentParser) -> tuple[dict, dict, list[str]]:
-    """Per-fold values of several JSON outputs, concatenated in the order given."""
-    per_fold: dict[str, dict[str, list[float]]] = {}
-    seconds: dict[str, list[float]] = {}
+    """Per-fold values of several JSON outputs: runs over different folds, or different models of
+    one fold (run side by side); each model's fold may come from one file only."""
+    cells: dict[str, dict[str, dict[str, float]]] = {}  # model -> fold -> metric -> value
     folds: list[str] = []
     for path in paths:
         try:
             raw = json.loads(path.read_text())
             names = raw["fold_names"]
             models = {m: v for m, v in raw.items() if m not in ("differences", "fold_names")}
-        except (OSError, ValueError, KeyError, TypeError) as error:
+            values = {m: {f: {k: v["folds"][i] for k, v in metrics.items()} for i, f in enumerate(names)}
+                      for m, metrics in models.items()}
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
             parser.error(f"{path} is not a JSON output of this script ({error})")
-        repeated = sorted(set(names) & set(folds))
-        if repeated:
-            parser.error(f"{path} repeats folds {repeated}; merge runs over different folds")
-        folds += names
-        for model, metrics in models.items():
-            row = per_fold.setdefault(model, {})
-            for key, value in metrics.items():
-                target = seconds.setdefault(model, []) if key == "seconds" else row.setdefault(key, [])
-                target.extend(value["folds"])
-    short = [m for m, row in per_fold.items() if len(seconds.get(m, [])) != len(folds)]
+        for model, by_fold in values.items():
+            repeated = sorted(set(by_fold) & set(cells.get(model, {})))
+            if repeated:
+                parser.error(f"{path} repeats {model} on folds {repeated}; give each model's fold once")
+            cells.setdefault(model, {}).update(by_fold)
+        folds += [f for f in names if f not in folds]
+    short = sorted(m for m, by_fold in cells.items() if set(by_fold) != set(folds))
     if short:
-        parser.error(f"models {short} are missing from some of the JSONs; merge runs of the same --models")
+        parser.error(f"models {short} are missing from some folds of {folds}; merge runs of the same --models")
+    per_fold = {m: {k: [by_fold[f][k] for f in folds] for k in by_fold[folds[0]] if k != "seconds"}
+                for m, by_fold in cells.items()}
+    seconds = {m: [by_fold[f]["seconds"] for f in folds] for m, by_fold in cells.items()}
     return per_fold, seconds, folds
 
 

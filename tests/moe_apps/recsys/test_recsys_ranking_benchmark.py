@@ -65,11 +65,26 @@ def test_from_json_merges_folds_and_recomputes_differences(tmp_path: Path, capsy
     assert [round(r, 12) for r in ratio] == [0.5, 1.5]
 
 
-def test_from_json_refuses_repeated_folds_and_foreign_files(tmp_path: Path) -> None:
+def test_from_json_merges_models_of_one_fold_run_side_by_side(tmp_path: Path, capsys) -> None:
+    module = _load_script()
+    a = _one_fold_json(tmp_path / "a.json", "u1", {"shared_bottom": 0.3, "mmoe": 0.35})
+    b = _one_fold_json(tmp_path / "b.json", "u2", {"shared_bottom": 0.25})
+    c = _one_fold_json(tmp_path / "c.json", "u2", {"mmoe": 0.24})
+    module.main(["--from-json", str(a), str(b), str(c), "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["fold_names"] == ["u1", "u2"]
+    assert result["mmoe"]["ndcg@10"]["folds"] == [0.35, 0.24]
+    assert result["shared_bottom"]["ndcg@10"]["folds"] == [0.3, 0.25]
+    assert [round(d, 12) for d in result["differences"]["mmoe-shared_bottom ndcg@10"]["folds"]] == [0.05, -0.01]
+
+
+def test_from_json_refuses_repeated_folds_missing_models_and_foreign_files(tmp_path: Path) -> None:
     module = _load_script()
     a = _one_fold_json(tmp_path / "a.json", "u1", {"pop": 0.2})
+    b = _one_fold_json(tmp_path / "b.json", "u1", {"pop": 0.2, "mmoe": 0.3})
+    c = _one_fold_json(tmp_path / "c.json", "u2", {"mmoe": 0.3})
     (tmp_path / "other.json").write_text('{"accuracy": 0.9}')
-    for paths in ([a, a], [a, tmp_path / "other.json"]):
+    for paths in ([a, a], [a, b], [a, c], [a, tmp_path / "other.json"]):
         with pytest.raises(SystemExit) as stop:
             module.main(["--from-json", *map(str, paths)])
         assert stop.value.code == 2, paths
