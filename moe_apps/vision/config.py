@@ -48,8 +48,8 @@ class ModelConfig:
         expert_core: moe only, off by default: the experts' conv kernels read a shared core plus
             a per-expert residual (`moe_core.shared_core.SharedCore`, after RMoE): the core learns
             from every image, a residual from its expert's images; the same compute per image,
-            E + 1 kernels stored for E. On the ``tune`` preset's validation slice (12 epochs, seed
-            0) 93.22% against 93.64% without it (docs/BENCHMARKS.md, Vision).
+            E + 1 kernels stored for E. On the ``tune`` preset's validation slice (12 epochs, seeds
+            0 / 1) 93.22% / 94.32% against 93.64% / 93.96% without it: no choice (docs/BENCHMARKS.md).
     """
 
     model: str = "moe"
