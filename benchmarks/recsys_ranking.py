@@ -226,9 +226,11 @@ def _merge(paths: list[Path], parser: argparse.ArgumentParser) -> tuple[dict, di
     short = sorted(m for m, by_fold in cells.items() if set(by_fold) != set(folds))
     if short:
         parser.error(f"models {short} are missing from some folds of {folds}; merge runs of the same --models")
-    per_fold = {m: {k: [by_fold[f][k] for f in folds] for k in by_fold[folds[0]] if k != "seconds"}
-                for m, by_fold in cells.items()}
-    seconds = {m: [by_fold[f]["seconds"] for f in folds] for m, by_fold in cells.items()}
+    per_fold, seconds = {}, {}
+    for model, by_fold in cells.items():  # the metrics every fold has (older outputs have fewer)
+        keys = [k for k in by_fold[folds[0]] if k != "seconds" and all(k in by_fold[f] for f in folds)]
+        per_fold[model] = {k: [by_fold[f][k] for f in folds] for k in keys}
+        seconds[model] = [by_fold[f].get("seconds", float("nan")) for f in folds]
     return per_fold, seconds, folds
 
 

@@ -13,13 +13,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 KILL_AT_STEP = 9
 CHILD = """
 import os, signal, sys
+from dataclasses import replace
 import moe_apps.training.loop as loop
+import moe_apps.vision.config as vision_config
 from moe_apps.cli import main
+
+if {core}:  # the smoke preset with the experts' shared core (no CLI flag sets it)
+    smoke = vision_config.smoke_preset()
+    vision_config.PRESETS["smoke"] = lambda: replace(smoke, model=replace(smoke.model, expert_core=True))
 
 save = loop.save_checkpoint
 
@@ -39,12 +46,16 @@ def _train_args(out: Path, data: Path, *extra: str) -> list[str]:
             "--no-progress", *extra]
 
 
-def test_kill_after_the_average_started_then_resume_is_exact(cifar_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("core", [False, True])
+def test_kill_after_the_average_started_then_resume_is_exact(cifar_data: Path, tmp_path: Path, core: bool) -> None:
+    """Also with ``expert_core``: the residuals and the core are parametrizations' tensors."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "moe_apps.cli"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(cli + _train_args(whole, cifar_data), env=env, check=True, capture_output=True, timeout=300)
-    child = [sys.executable, "-c", CHILD.replace("{step}", str(KILL_AT_STEP))]
+    script = CHILD.replace("{core}", str(core))
+    never = [sys.executable, "-c", script.replace("{step}", "-1")]
+    subprocess.run(never + _train_args(whole, cifar_data), env=env, check=True, capture_output=True, timeout=300)
+    child = [sys.executable, "-c", script.replace("{step}", str(KILL_AT_STEP))]
     died = subprocess.run(child + _train_args(killed, cifar_data), env=env, capture_output=True, text=True,
                           timeout=300)
     assert died.returncode == -signal.SIGKILL, died.stderr[-2000:]
@@ -57,6 +68,7 @@ def test_kill_after_the_average_started_then_resume_is_exact(cifar_data: Path, t
     a = torch.load(whole / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 12
+    assert any(".core.cores." in name for name in a["model"]) is core
     for part in ("model", "averaging"):
         flat_a, flat_b = _tensors(a[part]), _tensors(b[part])
         assert flat_a.keys() == flat_b.keys() and flat_a
