@@ -11,8 +11,8 @@ specialise only as far as their residuals grow.
 Why: a routed expert learns from its share of the tokens only (about k / E of them). When data, not
 capacity, limits the model (a small dataset, a short schedule), the core learns from every token
 while the residuals keep the experts' capacity to differ. The compute per token is unchanged: an
-expert adds its residual to the core once per call, then runs as before. ``weight decay on a
-residual`` pulls that expert toward the core rather than toward zero.
+expert adds its residual to the core once per call, then runs as before. Weight decay on a
+residual pulls that expert toward the core rather than toward zero.
 
 The core belongs to the `SharedCore` module (register it beside the experts, outside them, so an
 optimizer can treat it as a dense weight); each expert's former parameter becomes its residual
@@ -88,6 +88,6 @@ def _owner(expert: nn.Module, name: str) -> nn.Module:
         raise ValueError(f"expert {type(expert).__name__} has no submodule {path!r} (from {name!r})") from None
     if parametrize.is_parametrized(owner, attr):
         raise ValueError(f"parameter {name!r} is already re-parametrised")
-    if not isinstance(owner._parameters.get(attr), nn.Parameter):
+    if attr not in dict(owner.named_parameters(recurse=False)):
         raise ValueError(f"expert {type(expert).__name__} has no parameter {name!r}")
     return owner
