@@ -9,6 +9,9 @@ from `moe_apps.recsys.ranking` (Recall, NDCG, Hit, MRR at 10 and 20, RecBole's d
 * ``bpr``: BPR-MF (Rendle et al. 2009) as RecBole's quick-start runs it: 64-d user and movie
   embeddings, one sampled unrated movie per rating, Adam lr 1e-3, batch 2048, early stopping on the
   validation part's MRR@10 (checked every epoch, patience 10, at most 300 epochs).
+* ``ease``: EASE (Steck 2019), the closed-form item-item model on the fit part, L2 250 (the best
+  of 100 / 250 / 500 / 1000 by validation NDCG@10 on the recbole split); no training loop. The
+  networks can take its cross-fitted score as a feature (``--neighbourhood``).
 * ``shared_bottom``, ``mmoe``, ``ple``, ``single``: `moe_apps.recsys.train.train` with the
   `ranking` preset (ESMM-style task mix: rate over the whole catalogue with sampled negatives,
   like | rate, rating; ranked by P(rate) x P(like | rate); ``by_rate_*``: the same predictions
@@ -18,9 +21,9 @@ Folds: ``u1..u5`` (the official ``uK.base`` / ``uK.test``; validation = a seeded
 part) and ``recbole`` (per user a seeded random 80/10/10; the validation movies are masked at test
 time too). Seed 0 throughout.
 
-    .venv/bin/python benchmarks/recsys_ranking.py [--models pop,bpr,shared_bottom,mmoe,ple]
+    .venv/bin/python benchmarks/recsys_ranking.py [--models pop,bpr,ease,shared_bottom,mmoe,ple]
         [--folds u1,u2,u3 | --folds recbole] [--epochs N] [--patience N] [--monitor ndcg@10]
-        [--rate-softmax W] [--negatives N] [--threads 1] [--data-dir PATH] [--json]
+        [--rate-softmax W] [--negatives N] [--neighbourhood L2] [--threads 1] [--data-dir PATH] [--json]
     .venv/bin/python benchmarks/recsys_ranking.py --from-json u1.json u2.json ... [--json]
 
 The JSON maps each model to ``{metric: {mean, std, folds}}``, ``fold_names`` to the folds in that
@@ -45,6 +48,7 @@ import torch
 
 from moe_apps.datasets import MovieLensData, load_movielens
 from moe_apps.recsys.config import RANKING_MONITORS
+from moe_apps.recsys.neighbourhood import ease_weights
 from moe_apps.recsys.ranking import KS, METRICS, full_ranking, interaction_matrix
 from moe_apps.recsys.splits import Parts, protocol_parts
 
@@ -53,6 +57,8 @@ NETWORKS = {"shared_bottom": "shared-bottom", "mmoe": "mmoe", "ple": "ple", "sin
 KEYS = tuple(f"{m}@{k}" for k in KS for m in METRICS)
 REPORTED = (*KEYS, *(f"liked_{k}" for k in KEYS), "users_evaluated")
 VAL_FRACTION = 0.05
+EASE_L2 = 250.0
+BASELINES = ("pop", "bpr", "ease")
 BY_RATE = ("by_rate_ndcg@10", "by_rate_recall@10", "by_rate_hit@10", "by_rate_liked_ndcg@10")
 
 
@@ -67,6 +73,14 @@ def popularity(data: MovieLensData, parts: Parts) -> dict[str, float]:
     counts = torch.as_tensor(np.bincount(parts.train.item, minlength=num_items), dtype=torch.float32)
     seen, relevant, liked = _masks(parts, num_users, num_items, parts.test)
     return full_ranking(lambda u: counts.expand(len(u), -1), seen, relevant, liked).metrics
+
+
+def ease(data: MovieLensData, parts: Parts, lam: float = EASE_L2) -> dict[str, float]:
+    """EASE fitted in closed form on ``parts.fit``; a user's scores are their fit row times B."""
+    x_UI = interaction_matrix(parts.fit, len(data.users), len(data.items)).double()
+    scores_UI = (x_UI @ ease_weights(x_UI, lam)).float()
+    seen, relevant, liked = _masks(parts, len(data.users), len(data.items), parts.test)
+    return full_ranking(lambda u: scores_UI[u], seen, relevant, liked).metrics
 
 
 def bpr(data: MovieLensData, parts: Parts, seed: int = 0, dim: int = 64, lr: float = 1e-3,
@@ -122,15 +136,19 @@ def bpr(data: MovieLensData, parts: Parts, seed: int = 0, dim: int = 64, lr: flo
 
 def network(name: str, data: MovieLensData, fold: str, **overrides: object) -> dict[str, float]:
     """Test metrics of the `ranking` preset with bottom ``name`` on ``fold``; ``overrides``
-    (`RecsysConfig` fields, e.g. ``epochs``, ``patience``, ``rate_softmax``; None = the preset's)
-    replace the preset's. A ``monitor`` (a validation ranking metric such as ndcg@10) is maximised."""
+    (`RecsysConfig` fields, e.g. ``epochs``, ``patience``, ``rate_softmax``, and the model's
+    ``neighbourhood``; None = the preset's) replace the preset's. A ``monitor`` (a validation
+    ranking metric such as ndcg@10) is maximised."""
     from rich.console import Console
 
     from moe_apps.recsys.config import get_preset
     from moe_apps.recsys.train import train
 
     config = get_preset("ranking")
-    config = replace(config, split=fold, model=replace(config.model, model=NETWORKS[name]))
+    neighbourhood = overrides.pop("neighbourhood", None)
+    config = replace(config, split=fold, model=replace(
+        config.model, model=NETWORKS[name],
+        neighbourhood=config.model.neighbourhood if neighbourhood is None else neighbourhood))
     if overrides.get("monitor") is not None:
         overrides |= {"monitor_mode": "max"}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
@@ -145,7 +163,7 @@ def _summary(values: list[float]) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="pop,bpr,shared_bottom,mmoe,ple")
+    parser.add_argument("--models", default="pop,bpr,ease,shared_bottom,mmoe,ple")
     parser.add_argument("--folds", default="u1,u2,u3,u4,u5")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs of the networks (default: the preset's)")
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience of the networks")
@@ -156,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         help="weight of the sampled softmax on the rate logit (default: the preset's, 0 = off)")
     parser.add_argument("--negatives", type=int, default=None,
                         help="unrated movies drawn per rating (default: the preset's)")
+    parser.add_argument("--neighbourhood", type=float, default=None,
+                        help="EASE L2 of the networks' neighbourhood feature (default: the preset's, 0 = off)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on 2 shared cores one thread ran 5-10x faster than 2)")
     parser.add_argument("--data-dir", default=None)
@@ -168,9 +188,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         return _report(per_fold, seconds, folds, args.json)
     models = [m.replace("-", "_") for m in args.models.split(",")]
     folds = args.folds.split(",")
-    unknown = [m for m in models if m not in ("pop", "bpr", *NETWORKS)] + [f for f in folds if f not in FOLDS]
+    unknown = [m for m in models if m not in (*BASELINES, *NETWORKS)] + [f for f in folds if f not in FOLDS]
     if unknown:
-        parser.error(f"unknown model or fold {unknown}; models: pop, bpr, {', '.join(NETWORKS)}; folds: {FOLDS}")
+        parser.error(f"unknown model or fold {unknown}; models: {', '.join((*BASELINES, *NETWORKS))}; "
+                     f"folds: {FOLDS}")
+    if args.neighbourhood is not None and not args.neighbourhood >= 0:
+        parser.error(f"--neighbourhood must be >= 0 (EASE's L2; 0 = off), got {args.neighbourhood}")
     if args.monitor is not None and args.monitor not in RANKING_MONITORS:
         parser.error(f"--monitor must be a validation ranking metric: {', '.join(RANKING_MONITORS)}")
     torch.set_num_threads(args.threads)
@@ -188,10 +211,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 metrics = popularity(data, parts)
             elif model == "bpr":
                 metrics = bpr(data, parts)
+            elif model == "ease":
+                metrics = ease(data, parts)
             else:
                 metrics = network(model, data, fold, epochs=args.epochs, patience=args.patience,
                                   monitor=args.monitor, rate_softmax=args.rate_softmax,
-                                  negatives=args.negatives)
+                                  negatives=args.negatives, neighbourhood=args.neighbourhood)
             elapsed = time.perf_counter() - started
             extra = [k for k in BY_RATE if k in metrics]
             row = per_fold.setdefault(model, {k: [] for k in (*REPORTED, *extra)})

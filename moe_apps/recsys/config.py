@@ -105,6 +105,9 @@ class ModelConfig:
         ple_levels: PLE CGC levels.
         tower_dim: hidden width of each task tower.
         dropout: on the concatenated features and the expert outputs.
+        neighbourhood: EASE's L2 (lambda) for a third dense feature, the pair's cross-fitted
+            item-item score (`moe_apps.recsys.neighbourhood`; Koren 2008's neighbourhood term beside
+            the factors); 0 = off.
         vocab: feature name -> number of ids (set by `with_vocab` from the data).
     """
 
@@ -117,6 +120,7 @@ class ModelConfig:
     ple_levels: int = 2
     tower_dim: int = 32
     dropout: float = 0.6
+    neighbourhood: float = 0.0
     vocab: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
@@ -138,6 +142,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.neighbourhood, (int, float)) and 0 <= self.neighbourhood < math.inf):
+            raise ValueError(f"neighbourhood (EASE's L2, 0 = off) must be a finite number >= 0, "
+                             f"got {self.neighbourhood!r}")
 
     @property
     def num_shared_experts(self) -> int:

@@ -12,7 +12,8 @@ release-year bucket; several for ``genres``; and ``history``, the movies the use
 history never contains test or validation ratings, and a rating's own movie is left out of its
 history, so training rows look like test rows; training batches may also drop each history
 movie at random (``history_dropout``, a regulariser). Two dense features: log1p of the user's and the
-movie's number of fit ratings (again without the rating itself).
+movie's number of fit ratings (again without the rating itself), and optionally a third: the
+pair's cross-fitted EASE item-item score (`moe_apps.recsys.neighbourhood`, ``neighbourhood > 0``).
 
 Rows may also be (user, movie) pairs the user did not rate (rating 0, drawn by
 `moe_apps.recsys.implicit`): only tasks with an implicit target (``rated``) have a label there, so
@@ -35,6 +36,7 @@ from torchrec import KeyedJaggedTensor
 
 from moe_apps.datasets import MovieLensData, Ratings
 from moe_apps.recsys.config import OFFICIAL_SPLITS, SPLITS, TARGETS, TaskSpec
+from moe_apps.recsys.neighbourhood import NeighbourhoodScores, neighbourhood_scores
 
 SPARSE_FEATURES = ("user", "item", "gender", "age", "occupation", "zip", "year", "genres", "history")
 USER_SIDE = ("user", "gender", "age", "occupation", "zip", "history")
@@ -149,10 +151,13 @@ class Features:
     user_count: Tensor  # (num_users,) fit ratings per user
     item_count: Tensor  # (num_items,)
     vocab: dict[str, int]
+    neighbourhood: NeighbourhoodScores | None = None  # the EASE pair feature, if on
 
 
-def build_features(data: MovieLensData, fit: Ratings) -> Features:
-    """Feature tables of ``data``; history and counts come from ``fit`` only."""
+def build_features(data: MovieLensData, fit: Ratings, neighbourhood: float = 0.0, seed: int = 0) -> Features:
+    """Feature tables of ``data``; history, counts and the neighbourhood scores come from ``fit``
+    only. ``neighbourhood``: EASE's L2 for the pair score (0 = no such feature); ``seed`` deals the
+    fit ratings into its cross-fitting folds."""
     users, items = data.users, data.items
     prefixes = [z[:2].upper() if z[:2].isalnum() else "?" for z in users.zip_code]
     zip_vocab = {p: i for i, p in enumerate(sorted(set(prefixes)))}
@@ -180,6 +185,8 @@ def build_features(data: MovieLensData, fit: Ratings) -> Features:
         user_count=torch.as_tensor(np.bincount(fit.user, minlength=num_users)),
         item_count=torch.as_tensor(np.bincount(fit.item, minlength=num_items)),
         vocab=vocab,
+        neighbourhood=(neighbourhood_scores(fit, num_users, num_items, neighbourhood, seed)
+                       if neighbourhood else None),
     )
 
 
@@ -228,8 +235,11 @@ def make_batch(features: Features, tasks: Sequence[TaskSpec], user_B: Tensor, it
     sparse = KeyedJaggedTensor.from_lengths_sync(keys=list(SPARSE_FEATURES), values=values,
                                                  lengths=lengths.to(torch.int64))
     own = in_fit_B.to(torch.int64)
-    dense_BF = torch.stack([torch.log1p((features.user_count[user_B] - own).float()),
-                            torch.log1p((features.item_count[item_B] - own).float())], 1) / 5.0
+    dense = [torch.log1p((features.user_count[user_B] - own).float()) / 5.0,
+             torch.log1p((features.item_count[item_B] - own).float()) / 5.0]
+    if features.neighbourhood is not None:
+        dense.append(features.neighbourhood.lookup(user_B, item_B, in_fit_B))
+    dense_BF = torch.stack(dense, 1)
     mask_BT = None
     if rating_B is None:
         targets_BT = torch.zeros(len(user_B), len(tasks))
@@ -256,10 +266,12 @@ class CandidateBatch:
     item_dense_I: Tensor
     pair_user_B: Tensor
     pair_item_B: Tensor
+    pair_dense_B: Tensor | None = None  # float32, the pair's neighbourhood score (if the feature is on)
 
     def to(self, device: torch.device | str) -> CandidateBatch:
-        return CandidateBatch(*(getattr(self, f).to(device) for f in (
-            "user_sparse", "item_sparse", "user_dense_U", "item_dense_I", "pair_user_B", "pair_item_B")))
+        return CandidateBatch(*(None if getattr(self, f) is None else getattr(self, f).to(device) for f in (
+            "user_sparse", "item_sparse", "user_dense_U", "item_dense_I", "pair_user_B", "pair_item_B",
+            "pair_dense_B")))
 
     def __len__(self) -> int:
         return len(self.pair_user_B)
@@ -288,9 +300,12 @@ def candidate_batch(features: Features, user_U: Tensor, item_I: Tensor,
     if pairs is None:
         pairs = (torch.arange(len(user_U)).repeat_interleave(len(item_I)),
                  torch.arange(len(item_I)).repeat(len(user_U)))
+    pair_dense_B = None
+    if features.neighbourhood is not None:
+        pair_dense_B = features.neighbourhood.held_out_UI[user_U[pairs[0]], item_I[pairs[1]]]
     return CandidateBatch(_side_kjt(user_cols, len(user_U)), _side_kjt(item_cols, len(item_I)),
                           torch.log1p(features.user_count[user_U].float()) / 5.0,
-                          torch.log1p(features.item_count[item_I].float()) / 5.0, *pairs)
+                          torch.log1p(features.item_count[item_I].float()) / 5.0, *pairs, pair_dense_B)
 
 
 class RatingBatches:

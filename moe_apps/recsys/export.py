@@ -8,7 +8,8 @@ ExecuTorch), while TorchScript is in maintenance and would need every module on 
 (moe_core's dataclass outputs, torchrec's `KeyedJaggedTensor`) to be scriptable.
 
 What is inside: the features a user and a movie bring (user, side features and the
-mean-pooled rating history; movie, release-year bucket and genres; the log-count dense features)
+mean-pooled rating history; movie, release-year bucket and genres; the log-count dense features,
+and the pairs' neighbourhood scores when the model has that feature)
 are looked up through the trained embedding tables once, at export time, into one table per side
 (`ServingRecommender`), so a call is a gather plus the model's bottom and heads. Scores equal the
 eager model's on the same pairs (tested in a separate process that cannot import moe_apps).
@@ -80,6 +81,8 @@ class ServingRecommender(nn.Module):
                                 pairs=(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)))
         self.register_buffer("user_dense", batch.user_dense_U.clone())
         self.register_buffer("item_dense", batch.item_dense_I.clone())
+        scores = features.neighbourhood
+        self.register_buffer("pair_score", None if scores is None else scores.held_out_UI.clone())
         with torch.no_grad():
             for k, net in enumerate(self.nets):
                 user, item = net.encoder.side_tables(batch.user_sparse, batch.item_sparse)
@@ -100,7 +103,10 @@ class ServingRecommender(nn.Module):
         u, user_known = self._lookup(self.user_index, user_id.reshape(1))
         i_N, item_known_N = self._lookup(self.item_index, movie_ids)
         u_N = u.expand(i_N.shape[0])
-        dense_NF = torch.stack([self.user_dense[u_N], self.item_dense[i_N]], 1)
+        dense = [self.user_dense[u_N], self.item_dense[i_N]]
+        if self.pair_score is not None:
+            dense.append(self.pair_score[u_N, i_N])
+        dense_NF = torch.stack(dense, 1)
         outputs = []
         for k, net in enumerate(self.nets):
             user_NSD = getattr(self, f"user_table_{k}")[u_N]

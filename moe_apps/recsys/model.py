@@ -3,7 +3,8 @@
 Every model shares the same front end, `FeatureEncoder`: a torchrec `EmbeddingBagCollection` with
 one table per sparse feature (user, movie, gender, age, occupation, zip prefix, year bucket, genres
 and the user's rated-movie history, the last two mean-pooled), plus the SVD++-style interaction
-``(p_u + mean_{j in N(u)} y_j) * q_i`` (Koren 2008) and two dense count features, concatenated to
+``(p_u + mean_{j in N(u)} y_j) * q_i`` (Koren 2008), two dense count features and, if
+``neighbourhood > 0``, the pair's item-item score (`moe_apps.recsys.neighbourhood`), concatenated to
 ``x_BD``; and a second collection of per-task user and movie biases. What differs is the bottom
 between ``x_BD`` and the per-task towers:
 
@@ -77,7 +78,7 @@ class FeatureEncoder(nn.Module):
             for feature in ("user", "item")
         ])
         self.dropout = nn.Dropout(config.dropout)
-        self.d_out = d * (len(SPARSE_FEATURES) + 1) + NUM_DENSE
+        self.d_out = d * (len(SPARSE_FEATURES) + 1) + NUM_DENSE + (1 if config.neighbourhood else 0)
 
     def forward(self, batch: RecsysBatch | CandidateBatch) -> tuple[Tensor, Tensor, Tensor]:
         if isinstance(batch, CandidateBatch):
@@ -85,7 +86,8 @@ class FeatureEncoder(nn.Module):
             u_B, i_B = batch.pair_user_B, batch.pair_item_B
             pooled = {f: user[f][u_B] for f in USER_SIDE} | {f: item[f][i_B] for f in ITEM_SIDE}
             bias_BT = user["bias"][u_B] + item["bias"][i_B]
-            dense_BF = torch.stack([batch.user_dense_U[u_B], batch.item_dense_I[i_B]], 1)
+            dense = [batch.user_dense_U[u_B], batch.item_dense_I[i_B]]
+            dense_BF = torch.stack(dense if batch.pair_dense_B is None else [*dense, batch.pair_dense_B], 1)
         else:
             pooled = self.embeddings(batch.sparse).to_dict()
             biases = self.biases(batch.sparse).to_dict()
@@ -107,10 +109,12 @@ class FeatureEncoder(nn.Module):
         """(``x_BD``, ``bias_BT``, L2 term) from the pooled embeddings of every sparse feature."""
         user_BD, item_BD, history_BD = pooled["user"], pooled["item"], pooled["history"]
         interaction_BD = (user_BD + history_BD) * item_BD
-        x_BD = torch.cat([*(pooled[f] for f in SPARSE_FEATURES), interaction_BD, dense_BF], 1)
+        x_BD = torch.cat([*(pooled[f] for f in SPARSE_FEATURES), interaction_BD, dense_BF[:, :NUM_DENSE]], 1)
         sq = (user_BD.square().sum(1) + item_BD.square().sum(1) + history_BD.square().sum(1)
               + bias_BT.square().sum(1)).mean()
-        return self.dropout(x_BD), bias_BT, sq
+        # the neighbourhood score skips the dropout: dropped 30 % of the time, the networks leaned on
+        # it less (recbole split, MMoE: NDCG@10 0.2784 with the dropout, 0.2942 without)
+        return torch.cat([self.dropout(x_BD), dense_BF[:, NUM_DENSE:]], 1), bias_BT, sq
 
 
 def _mlp(d_in: int, d_out: int, dropout: float) -> nn.Sequential:

@@ -80,7 +80,8 @@ def prepare_data(config: RecsysConfig, data_root: Path, data: MovieLensData | No
     """Load the dataset (unless given), split it by ``config`` and build the feature tables."""
     data = load_movielens(config.dataset, data_root) if data is None else data
     parts = protocol_parts(data, config.split, config.seed, config.val_fraction)
-    return RunData(data, parts.train, parts.test, parts.fit, parts.val, build_features(data, parts.fit))
+    features = build_features(data, parts.fit, config.model.neighbourhood, config.seed)
+    return RunData(data, parts.train, parts.test, parts.fit, parts.val, features)
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -270,8 +271,12 @@ def _fit(config: RecsysConfig, run: RunData, run_dir: Path, resume: bool, consol
 
 
 def model_config_dict(config: RecsysConfig) -> dict[str, Any]:
-    """The model config as checkpoints record it."""
-    return asdict(config.model)
+    """The model config as checkpoints record it (``neighbourhood`` only when on, so run folders
+    from before that option still match)."""
+    recorded = asdict(config.model)
+    if not recorded["neighbourhood"]:
+        del recorded["neighbourhood"]
+    return recorded
 
 
 @dataclass(frozen=True)

@@ -48,12 +48,13 @@ print(json.dumps([program(torch.tensor(u), torch.tensor(items)).tolist() for u, 
 """
 
 
-def _model(kind: str):
+def _model(kind: str, neighbourhood: float = 0.0):
     data = _random_data()
     parts = protocol_parts(data, "random", seed=0, val_fraction=0.1)
-    features = build_features(data, parts.fit)
+    features = build_features(data, parts.fit, neighbourhood)
     config = with_vocab(RecsysConfig(monitor="loss", model=ModelConfig(
-        model=kind, embedding_dim=4, num_experts=3, expert_dim=5, tower_dim=3)), features.vocab)
+        model=kind, embedding_dim=4, num_experts=3, expert_dim=5, tower_dim=3,
+        neighbourhood=neighbourhood)), features.vocab)
     torch.manual_seed(1)
     model = build_model(config.model).eval()
     for p in model.parameters():  # away from the initial zeros, so every table matters
@@ -61,9 +62,10 @@ def _model(kind: str):
     return data, features, config, model
 
 
-@pytest.mark.parametrize("kind", ["mmoe", "single"])
-def test_exported_scores_equal_eager_in_a_process_without_moe_apps(kind: str, tmp_path: Path) -> None:
-    data, features, config, model = _model(kind)
+@pytest.mark.parametrize(("kind", "neighbourhood"), [("mmoe", 0.0), ("single", 0.0), ("mmoe", 5.0)])
+def test_exported_scores_equal_eager_in_a_process_without_moe_apps(kind: str, neighbourhood: float,
+                                                                   tmp_path: Path) -> None:
+    data, features, config, model = _model(kind, neighbourhood)
     tasks = config.model.tasks
     info = export_model(model, features, tasks, data.users.raw_id, data.items.raw_id, tmp_path / "out")
     assert info.program.is_file() and json.loads((tmp_path / "out" / "export.json").read_text())["score"] == "P(like)"

@@ -110,13 +110,15 @@ def test_implicit_batches_mix_ratings_and_fresh_negatives() -> None:
     assert not torch.equal(torch.cat([b.item_B for b in epoch(1)]), items)  # afresh each epoch
 
 
-@pytest.mark.parametrize("kind", ["mmoe", "ple", "shared-bottom", "single"])
-def test_candidate_batch_scores_equal_per_rating_batches(kind: str) -> None:
+@pytest.mark.parametrize(("kind", "neighbourhood"), [("mmoe", 0.0), ("ple", 0.0), ("shared-bottom", 0.0),
+                                                      ("single", 0.0), ("mmoe", 5.0), ("single", 5.0)])
+def test_candidate_batch_scores_equal_per_rating_batches(kind: str, neighbourhood: float) -> None:
     data = _random_data()
     parts = protocol_parts(data, "random", seed=0, val_fraction=0.1)
-    features = build_features(data, parts.fit)
+    features = build_features(data, parts.fit, neighbourhood)
     config = with_vocab(RecsysConfig(monitor="loss", model=ModelConfig(
-        model=kind, embedding_dim=4, num_experts=3, expert_dim=5, tower_dim=3)), features.vocab)
+        model=kind, embedding_dim=4, num_experts=3, expert_dim=5, tower_dim=3,
+        neighbourhood=neighbourhood)), features.vocab)
     model = build_model(config.model).eval()
     users, items = torch.tensor([0, 5, 39]), torch.tensor([2, 7, 59, 11])
     rows = make_batch(features, config.model.tasks, users.repeat_interleave(4), items.repeat(3), None)
