@@ -30,7 +30,7 @@ from torch import Tensor
 
 from moe_apps.datasets import Ratings
 
-FOLDS = 5
+FOLDS = 10  # validation NDCG@10, recbole split, MMoE: 0.2487 with 10 parts, 0.2431 with 5
 
 
 @dataclass(frozen=True)

@@ -103,16 +103,26 @@ def test_the_option_is_validated_and_recorded_only_when_on() -> None:
         neighbourhood_scores(_random_data().ratings, 40, 60, 0.0, seed=0)
 
 
-def test_the_score_skips_the_feature_dropout() -> None:
+def test_the_score_joins_each_task_logit_with_a_learned_weight() -> None:
+    from dataclasses import replace
+
     data = _random_data()
     parts = protocol_parts(data, "random", seed=0, val_fraction=0.1)
     features = build_features(data, parts.fit, 5.0)
-    config = with_vocab(RecsysConfig(model=ModelConfig(embedding_dim=4, num_experts=2, expert_dim=4,
-                                                        tower_dim=3, dropout=0.9, neighbourhood=5.0)),
-                        features.vocab)
-    model = build_model(config.model).train()
-    batch = make_batch(features, (LIKE, RATING), torch.as_tensor(parts.fit.user[:64]),
-                       torch.as_tensor(parts.fit.item[:64]), None)
-    x_BD, _, _ = model.encoder(batch)
-    assert torch.equal(x_BD[:, -1], batch.dense_BF[:, 2])  # never zeroed nor rescaled
-    assert bool((x_BD[:, :-1] == 0).float().mean() > 0.5)  # the rest is dropped out
+    for kind in ("mmoe", "single"):
+        config = with_vocab(RecsysConfig(model=ModelConfig(model=kind, embedding_dim=4, num_experts=2,
+                                                            expert_dim=4, tower_dim=3, neighbourhood=5.0)),
+                            features.vocab)
+        model = build_model(config.model).eval()
+        weights = [p for name, p in model.named_parameters() if name.endswith("neighbourhood_weight")]
+        assert weights and all(bool((w == 0).all()) for w in weights)  # starts as the plain network
+        with torch.no_grad():
+            for w in weights:
+                w.copy_(torch.linspace(0.7, -0.3, len(w)))
+        batch = make_batch(features, (LIKE, RATING), torch.as_tensor(parts.fit.user[:16]),
+                           torch.as_tensor(parts.fit.item[:16]), None)
+        without = replace(batch, dense_BF=torch.cat([batch.dense_BF[:, :2], torch.zeros(16, 1)], 1))
+        with torch.no_grad():
+            delta = model(batch).logits_BT - model(without).logits_BT
+        w_T = torch.cat([w for w in weights]) if kind == "single" else weights[0]
+        torch.testing.assert_close(delta, batch.dense_BF[:, 2:] * w_T)

@@ -25,12 +25,12 @@ def test_benchmark_json_has_every_model_metric_and_difference(tmp_path: Path, ca
     module = _load_script()
     threads = torch.get_num_threads()
     try:
-        module.main(["--models", "pop,bpr,shared_bottom,mmoe", "--folds", "u1,recbole", "--epochs", "1",
-                     "--data-dir", str(tmp_path), "--json"])
+        module.main(["--models", "pop,bpr,ease,shared_bottom,mmoe", "--folds", "u1,recbole", "--epochs", "1",
+                     "--neighbourhood", "5", "--data-dir", str(tmp_path), "--json"])
     finally:
         torch.set_num_threads(threads)  # the script sets its own
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for model in ("pop", "bpr", "shared_bottom", "mmoe"):
+    for model in ("pop", "bpr", "ease", "shared_bottom", "mmoe"):
         for key in ("ndcg@10", "recall@10", "hit@10", "mrr@10", "ndcg@20", "liked_ndcg@10"):
             assert len(result[model][key]["folds"]) == 2 and 0 <= result[model][key]["mean"] <= 1
     assert "by_rate_ndcg@10" in result["mmoe"]
@@ -38,6 +38,12 @@ def test_benchmark_json_has_every_model_metric_and_difference(tmp_path: Path, ca
     assert diff["folds"] == [m - s for m, s in zip(result["mmoe"]["ndcg@10"]["folds"],
                                                     result["shared_bottom"]["ndcg@10"]["folds"], strict=True)]
     assert set(result["differences"]) >= {"bpr/pop ndcg@10 - 1", "mmoe/pop ndcg@10 - 1"}
+
+
+def test_a_negative_neighbourhood_l2_is_refused(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        _load_script().main(["--models", "mmoe", "--folds", "u1", "--neighbourhood", "-1"])
+    assert stop.value.code == 2 and "--neighbourhood must be >= 0" in capsys.readouterr().err
 
 
 def _one_fold_json(path: Path, fold: str, values: dict[str, float]) -> Path:
