@@ -164,7 +164,8 @@ def _summary(values: list[float]) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="pop,bpr,ease,shared_bottom,mmoe,ple")
-    parser.add_argument("--folds", default="u1,u2,u3,u4,u5")
+    parser.add_argument("--folds", default=None,
+                        help="comma-separated folds (default u1..u5); with --from-json: keep only these")
     parser.add_argument("--epochs", type=int, default=None, help="max epochs of the networks (default: the preset's)")
     parser.add_argument("--patience", type=int, default=None, help="early-stopping patience of the networks")
     parser.add_argument("--monitor", default=None,
@@ -184,10 +185,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         help="merge these JSON outputs (runs over different folds) instead of training")
     args = parser.parse_args(argv)
     if args.from_json:
-        per_fold, seconds, folds = _merge([Path(p) for p in args.from_json], parser)
+        only = None if args.folds is None else args.folds.split(",")
+        per_fold, seconds, folds = _merge([Path(p) for p in args.from_json], parser, only)
         return _report(per_fold, seconds, folds, args.json)
     models = [m.replace("-", "_") for m in args.models.split(",")]
-    folds = args.folds.split(",")
+    folds = (args.folds or ",".join(FOLDS[:5])).split(",")
     unknown = [m for m in models if m not in (*BASELINES, *NETWORKS)] + [f for f in folds if f not in FOLDS]
     if unknown:
         parser.error(f"unknown model or fold {unknown}; models: {', '.join((*BASELINES, *NETWORKS))}; "
@@ -228,9 +230,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     return _report(per_fold, seconds, folds, args.json, torch.get_num_threads())
 
 
-def _merge(paths: list[Path], parser: argparse.ArgumentParser) -> tuple[dict, dict, list[str]]:
+def _merge(paths: list[Path], parser: argparse.ArgumentParser,
+           only: list[str] | None = None) -> tuple[dict, dict, list[str]]:
     """Per-fold values of several JSON outputs: runs over different folds, or different models of
-    one fold (run side by side); each model's fold may come from one file only."""
+    one fold (run side by side); each model's fold may come from one file only. ``only``: keep
+    just these folds (e.g. the five official ones of files that also hold ``recbole``)."""
     cells: dict[str, dict[str, dict[str, float]]] = {}  # model -> fold -> metric -> value
     folds: list[str] = []
     for path in paths:
@@ -242,12 +246,18 @@ def _merge(paths: list[Path], parser: argparse.ArgumentParser) -> tuple[dict, di
                       for m, metrics in models.items()}
         except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
             parser.error(f"{path} is not a JSON output of this script ({error})")
+        if only is not None:
+            names = [f for f in names if f in only]
+            values = {m: {f: v for f, v in by_fold.items() if f in only} for m, by_fold in values.items()}
         for model, by_fold in values.items():
             repeated = sorted(set(by_fold) & set(cells.get(model, {})))
             if repeated:
                 parser.error(f"{path} repeats {model} on folds {repeated}; give each model's fold once")
             cells.setdefault(model, {}).update(by_fold)
         folds += [f for f in names if f not in folds]
+    if not folds:
+        parser.error(f"none of the files holds the folds {only}")
+    cells = {m: by_fold for m, by_fold in cells.items() if by_fold}
     short = sorted(m for m, by_fold in cells.items() if set(by_fold) != set(folds))
     if short:
         parser.error(f"models {short} are missing from some folds of {folds}; merge runs of the same --models")

@@ -54,7 +54,7 @@ def _metrics_table(title: str, columns: dict[str, dict[str, float]]) -> Any:
 
 @app.command("train")
 def train_command(
-    preset: Annotated[str, typer.Option("--preset", help="default | ple | three-tasks | tiny | ml1m | ranking")] = "default",
+    preset: Annotated[str, typer.Option("--preset", help="default | ple | three-tasks | tiny | ml1m | ranking | ranking-ease")] = "default",
     model: Annotated[str | None, typer.Option("--model", help="mmoe | ple | shared-bottom | single")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", help="movielens-100k | movielens-1m")] = None,
     split: Annotated[str | None, typer.Option(

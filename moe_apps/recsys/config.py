@@ -331,6 +331,14 @@ def ranking_preset() -> RecsysConfig:
     )
 
 
+def ranking_ease_preset() -> RecsysConfig:
+    """`ranking_preset` plus the EASE neighbourhood score (Steck 2019, L2 250) on each task's
+    logit (`moe_apps.recsys.neighbourhood`): the better top-K lists (five folds, NDCG@10 of every
+    bottom about +0.1), though the bottoms then tie (docs/BENCHMARKS.md)."""
+    ranking = ranking_preset()
+    return replace(ranking, model=replace(ranking.model, neighbourhood=250.0))
+
+
 PRESETS: dict[str, Callable[[], RecsysConfig]] = {
     "default": default_preset,
     "ple": ple_preset,
@@ -338,6 +346,7 @@ PRESETS: dict[str, Callable[[], RecsysConfig]] = {
     "tiny": tiny_preset,
     "ml1m": ml1m_preset,
     "ranking": ranking_preset,
+    "ranking-ease": ranking_ease_preset,
 }
 
 

@@ -120,3 +120,15 @@ def test_monitor_and_patience_reach_the_networks_config(tmp_path: Path, monkeypa
     assert (seen[0].monitor, seen[0].monitor_mode, seen[0].patience) == ("mrr@10", "max", 3)
     assert seen[0].epochs == 10  # the preset's
     assert "--monitor must be a validation ranking metric" in capsys.readouterr().err
+
+
+def test_from_json_keeps_only_the_given_folds(tmp_path: Path, capsys) -> None:
+    module = _load_script()
+    a = _one_fold_json(tmp_path / "a.json", "u1", {"shared_bottom": 0.3, "mmoe": 0.35})
+    b = _one_fold_json(tmp_path / "b.json", "recbole", {"shared_bottom": 0.2, "mmoe": 0.1})
+    module.main(["--from-json", str(a), str(b), "--folds", "u1", "--json"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["fold_names"] == ["u1"] and result["mmoe"]["ndcg@10"]["folds"] == [0.35]
+    with pytest.raises(SystemExit):
+        module.main(["--from-json", str(a), "--folds", "u5"])
+    assert "none of the files holds the folds ['u5']" in capsys.readouterr().err

@@ -84,3 +84,21 @@ def test_export_writes_a_program_and_refuses_an_existing_folder(ranking_run: Pat
     one_line_error(runner.invoke(app, ["recsys", "export", str(tmp_path), str(tmp_path / "x")]),
                    "")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_ranking_ease_preset_trains_evaluates_and_exports_with_the_neighbourhood_score(
+        data_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ease-run"
+    result = runner.invoke(app, ["recsys", "train", "--preset", "ranking-ease", "--split", "recbole",
+                                 "--epochs", "1", "--data-dir", str(data_root), "--out", str(out),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["config"]["model"]["neighbourhood"] == 250.0
+    evaluated = runner.invoke(app, ["recsys", "eval", str(out), "--json", "--data-dir", str(data_root)])
+    assert evaluated.exit_code == 0, evaluated.output
+    stored = json.loads((out / "test_metrics.json").read_text())["metrics"]
+    for key in RANKING_KEYS:  # the reloaded run rebuilds the same cross-fitted scores
+        assert json.loads(evaluated.output)["metrics"][key] == pytest.approx(stored[key], abs=1e-9)
+    exported = runner.invoke(app, ["recsys", "export", str(out), str(tmp_path / "served"),
+                                   "--data-dir", str(data_root)])
+    assert exported.exit_code == 0, exported.output
