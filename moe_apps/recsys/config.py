@@ -105,9 +105,9 @@ class ModelConfig:
         ple_levels: PLE CGC levels.
         tower_dim: hidden width of each task tower.
         dropout: on the concatenated features and the expert outputs.
-        neighbourhood: EASE's L2 (lambda) for a third dense feature, the pair's cross-fitted
-            item-item score (`moe_apps.recsys.neighbourhood`; Koren 2008's neighbourhood term beside
-            the factors); 0 = off.
+        neighbourhood: EASE's L2 (lambda) for the pair's cross-fitted item-item score
+            (`moe_apps.recsys.neighbourhood`), added to every task's logit with a learned weight
+            (Koren 2008's neighbourhood term beside the factors); 0 = off.
         vocab: feature name -> number of ids (set by `with_vocab` from the data).
     """
 

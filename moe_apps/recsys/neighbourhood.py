@@ -1,4 +1,4 @@
-"""An item-item neighbourhood score as a pair feature: EASE (Steck 2019), cross-fitted.
+"""An item-item neighbourhood score for each (user, movie) pair: EASE (Steck 2019), cross-fitted.
 
 Koren (2008, "Factorization Meets the Neighborhood") showed that a latent-factor model gains from
 an item-item neighbourhood term beside it. Here the neighbourhood model is EASE ("Embarrassingly
@@ -9,9 +9,10 @@ zero diagonal fitted in closed form to the fit part's user x movie matrix ``X_UI
 
 and the score of a pair is ``(X_u B)[i]``: the user's other rated movies vote for movie i.
 
-The score enters the networks as one more dense feature. A training rating must not see a score
-fitted on itself (the network would learn to trust a score that is optimistic on exactly the
-ratings it trains on), so the scores are **cross-fitted** (the stacking of Wolpert 1992): the fit
+The score travels with each batch as a third dense feature; the networks add it to every task's
+logit with a learned weight (`moe_apps.recsys.model.FeatureEncoder`). A training rating must not
+see a score fitted on itself (the network would learn to trust a score that is optimistic on
+exactly the ratings it trains on), so the scores are **cross-fitted** (the stacking of Wolpert 1992): the fit
 ratings are dealt into ``folds`` seeded parts; ``B_k`` is fitted without part k, and a fit rating
 of part k reads ``(X_u B_k)[i]``. Every other pair (sampled unrated movies, validation and test
 ratings, the catalogue at ranking time) reads the mean over the folds' scores, so training and
