@@ -11,7 +11,8 @@ from `moe_apps.recsys.ranking` (Recall, NDCG, Hit, MRR at 10 and 20, RecBole's d
   validation part's MRR@10 (checked every epoch, patience 10, at most 300 epochs).
 * ``ease``: EASE (Steck 2019), the closed-form item-item model on the fit part, L2 250 (the best
   of 100 / 250 / 500 / 1000 by validation NDCG@10 on the recbole split); no training loop. The
-  networks can take its cross-fitted score as a feature (``--neighbourhood``).
+  networks can add its cross-fitted score to their logits (``--neighbourhood``, the
+  ``ranking-ease`` preset's 250).
 * ``shared_bottom``, ``mmoe``, ``ple``, ``single``: `moe_apps.recsys.train.train` with the
   `ranking` preset (ESMM-style task mix: rate over the whole catalogue with sampled negatives,
   like | rate, rating; ranked by P(rate) x P(like | rate); ``by_rate_*``: the same predictions
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--negatives", type=int, default=None,
                         help="unrated movies drawn per rating (default: the preset's)")
     parser.add_argument("--neighbourhood", type=float, default=None,
-                        help="EASE L2 of the networks' neighbourhood feature (default: the preset's, 0 = off)")
+                        help="EASE L2 of the networks' neighbourhood term on the logits (default: the preset's, 0 = off)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on 2 shared cores one thread ran 5-10x faster than 2)")
     parser.add_argument("--data-dir", default=None)
