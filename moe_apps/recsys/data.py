@@ -212,6 +212,12 @@ class RecsysBatch:
         return len(self.user_B)
 
 
+def stack_dense(user_B: Tensor, item_B: Tensor, pair_B: Tensor | None) -> Tensor:
+    """``dense_BF``: the user's and the movie's count features, then the pair's neighbourhood
+    score when there is one (batches, candidate pairs and the exported model stack it alike)."""
+    return torch.stack([user_B, item_B] if pair_B is None else [user_B, item_B, pair_B], 1)
+
+
 def make_batch(features: Features, tasks: Sequence[TaskSpec], user_B: Tensor, item_B: Tensor,
                rating_B: np.ndarray | None, *, in_fit_B: Tensor | None = None,
                history_dropout: float = 0.0, generator: torch.Generator | None = None,
@@ -235,11 +241,10 @@ def make_batch(features: Features, tasks: Sequence[TaskSpec], user_B: Tensor, it
     sparse = KeyedJaggedTensor.from_lengths_sync(keys=list(SPARSE_FEATURES), values=values,
                                                  lengths=lengths.to(torch.int64))
     own = in_fit_B.to(torch.int64)
-    dense = [torch.log1p((features.user_count[user_B] - own).float()) / 5.0,
-             torch.log1p((features.item_count[item_B] - own).float()) / 5.0]
-    if features.neighbourhood is not None:
-        dense.append(features.neighbourhood.lookup(user_B, item_B, in_fit_B))
-    dense_BF = torch.stack(dense, 1)
+    scores = features.neighbourhood
+    dense_BF = stack_dense(torch.log1p((features.user_count[user_B] - own).float()) / 5.0,
+                           torch.log1p((features.item_count[item_B] - own).float()) / 5.0,
+                           None if scores is None else scores.lookup(user_B, item_B, in_fit_B))
     mask_BT = None
     if rating_B is None:
         targets_BT = torch.zeros(len(user_B), len(tasks))

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moe_apps.recsys.data import ITEM_SIDE, USER_SIDE, Features, candidate_batch
+from moe_apps.recsys.data import ITEM_SIDE, USER_SIDE, Features, candidate_batch, stack_dense
 from moe_apps.recsys.model import SingleTaskModels
 from moe_apps.recsys.ranking import ranking_score, ranking_score_name, sampling_odds_ratio
 
@@ -103,10 +103,8 @@ class ServingRecommender(nn.Module):
         u, user_known = self._lookup(self.user_index, user_id.reshape(1))
         i_N, item_known_N = self._lookup(self.item_index, movie_ids)
         u_N = u.expand(i_N.shape[0])
-        dense = [self.user_dense[u_N], self.item_dense[i_N]]
-        if self.pair_score is not None:
-            dense.append(self.pair_score[u_N, i_N])
-        dense_NF = torch.stack(dense, 1)
+        pair_N = None if self.pair_score is None else self.pair_score[u_N, i_N]
+        dense_NF = stack_dense(self.user_dense[u_N], self.item_dense[i_N], pair_N)
         outputs = []
         for k, net in enumerate(self.nets):
             user_NSD = getattr(self, f"user_table_{k}")[u_N]

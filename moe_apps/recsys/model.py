@@ -32,7 +32,14 @@ from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 from moe_apps.recsys.config import ModelConfig, TaskSpec
-from moe_apps.recsys.data import ITEM_SIDE, SPARSE_FEATURES, USER_SIDE, CandidateBatch, RecsysBatch
+from moe_apps.recsys.data import (
+    ITEM_SIDE,
+    SPARSE_FEATURES,
+    USER_SIDE,
+    CandidateBatch,
+    RecsysBatch,
+    stack_dense,
+)
 from moe_core.multigate import PLE, MMoE
 
 MEAN_POOLED = ("genres", "history")
@@ -92,8 +99,7 @@ class FeatureEncoder(nn.Module):
             u_B, i_B = batch.pair_user_B, batch.pair_item_B
             pooled = {f: user[f][u_B] for f in USER_SIDE} | {f: item[f][i_B] for f in ITEM_SIDE}
             bias_BT = user["bias"][u_B] + item["bias"][i_B]
-            dense = [batch.user_dense_U[u_B], batch.item_dense_I[i_B]]
-            dense_BF = torch.stack(dense if batch.pair_dense_B is None else [*dense, batch.pair_dense_B], 1)
+            dense_BF = stack_dense(batch.user_dense_U[u_B], batch.item_dense_I[i_B], batch.pair_dense_B)
         else:
             pooled = self.embeddings(batch.sparse).to_dict()
             biases = self.biases(batch.sparse).to_dict()

@@ -73,16 +73,15 @@ def neighbourhood_scores(fit: Ratings, num_users: int, num_items: int, lam: floa
     x_UI[user_N, item_N] = 1.0
     fold_N = crossfit_folds(len(fit), seed, folds)
     held_out_UI = torch.zeros(num_users, num_items, dtype=torch.float64)
-    fit_UI = torch.zeros(num_users, num_items, dtype=torch.float64)
+    own_N = torch.zeros(len(fit), dtype=torch.float64)  # each fit rating's score without its part
     for k in range(folds):
         part = fold_N == k
         x_k = x_UI.clone()
         x_k[user_N[part], item_N[part]] = 0.0
         scores_UI = x_UI @ ease_weights(x_k, lam)
         held_out_UI += scores_UI / folds
-        fit_UI[user_N[part], item_N[part]] = scores_UI[user_N[part], item_N[part]]
-    rated = torch.zeros(num_users, num_items, dtype=torch.bool)
-    rated[user_N, item_N] = True
-    fit_UI = torch.where(rated, fit_UI, held_out_UI)
+        own_N[part] = scores_UI[user_N[part], item_N[part]]
+    fit_UI = held_out_UI.clone()
+    fit_UI[user_N, item_N] = own_N
     scale = float(held_out_UI.std()) or 1.0
     return NeighbourhoodScores((held_out_UI / scale).float(), (fit_UI / scale).float())

@@ -120,8 +120,15 @@ def test_candidate_batch_scores_equal_per_rating_batches(kind: str, neighbourhoo
         model=kind, embedding_dim=4, num_experts=3, expert_dim=5, tower_dim=3,
         neighbourhood=neighbourhood)), features.vocab)
     model = build_model(config.model).eval()
+    with torch.no_grad():  # the neighbourhood term's weight starts at zero: make it count
+        for name, p in model.named_parameters():
+            if name.endswith("neighbourhood_weight"):
+                p.fill_(0.7)
     users, items = torch.tensor([0, 5, 39]), torch.tensor([2, 7, 59, 11])
-    rows = make_batch(features, config.model.tasks, users.repeat_interleave(4), items.repeat(3), None)
+    users = torch.cat([users, torch.as_tensor(parts.fit.user[:2])])  # and pairs that are fit ratings
+    items = torch.cat([items, torch.as_tensor(parts.fit.item[:2])])
+    rows = make_batch(features, config.model.tasks, users.repeat_interleave(len(items)),
+                      items.repeat(len(users)), None)
     with torch.no_grad():
         expected = model(rows).predictions_BT
         got = model(candidate_batch(features, users, items)).predictions_BT

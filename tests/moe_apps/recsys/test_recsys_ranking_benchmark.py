@@ -132,3 +132,28 @@ def test_from_json_keeps_only_the_given_folds(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         module.main(["--from-json", str(a), "--folds", "u5"])
     assert "none of the files holds the folds ['u5']" in capsys.readouterr().err
+
+
+def test_ease_baseline_ranks_by_a_per_movie_ridge_reference(tmp_path: Path) -> None:
+    """The `ease` model's lists equal those of scores from per-movie ridge regressions (numpy)."""
+    import numpy as np
+    from test_recsys_neighbourhood import _ridge_columns
+
+    from moe_apps.datasets import load_movielens
+    from moe_apps.recsys.ranking import full_ranking
+    from moe_apps.recsys.splits import protocol_parts
+
+    write_random_ml100k(tmp_path)
+    module = _load_script()
+    data = load_movielens("movielens-100k", tmp_path)
+    parts = protocol_parts(data, "recbole", 0, module.VAL_FRACTION)
+    users, items = len(data.users), len(data.items)
+    x = np.zeros((users, items))
+    x[parts.fit.user, parts.fit.item] = 1.0
+    scores = torch.as_tensor(x @ _ridge_columns(x, 7.0), dtype=torch.float32)
+    seen, relevant, liked = module._masks(parts, users, items, parts.test)
+    expected = full_ranking(lambda u: scores[u], seen, relevant, liked).metrics
+    got = module.ease(data, parts, lam=7.0)
+    for key in ("ndcg@10", "recall@10", "hit@10", "mrr@20", "liked_ndcg@10"):
+        assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+    assert got["ndcg@10"] != pytest.approx(module.popularity(data, parts)["ndcg@10"], abs=1e-9)
