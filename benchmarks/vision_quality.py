@@ -9,6 +9,10 @@ in one process, for the step-time ratio. Prints a table (``--json``: one JSON ob
 
     python benchmarks/vision_quality.py --models moe dense --seeds 0 --step-time
     python benchmarks/vision_quality.py --step-time --no-train
+    python benchmarks/vision_quality.py --models moe --recipe router_lr_scale=0.1
+
+``--recipe NAME=VALUE`` (repeatable) changes a `RecipeConfig` field for every run (the value is read
+as JSON: 0.1, true, 12); the change is printed with the table and kept in ``--json``.
 """
 
 from __future__ import annotations
@@ -25,13 +29,41 @@ import time
 from pathlib import Path
 
 
-def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, data_dir: str | None) -> dict:
+def recipe_changes(pairs: list[str]) -> dict:
+    """``["router_lr_scale=0.1", ...]`` as a dict of RecipeConfig fields (values read as JSON)."""
+    from dataclasses import fields
+
+    from moe_apps.vision.config import RecipeConfig
+
+    known = {f.name for f in fields(RecipeConfig)}
+    changes = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in known:
+            sys.exit(f"--recipe takes NAME=VALUE with NAME a RecipeConfig field ({', '.join(sorted(known))}), "
+                     f"got {pair!r}")
+        try:
+            changes[name] = json.loads(value)
+        except json.JSONDecodeError:
+            sys.exit(f"--recipe {name}: {value!r} is not a JSON value (write 0.1, true or \"text\")")
+    try:
+        RecipeConfig(**changes)
+    except (TypeError, ValueError) as error:
+        sys.exit(f"--recipe: {error}")
+    return changes
+
+
+def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, data_dir: str | None,
+            recipe: dict | None = None) -> dict:
     """Train one run in this process and score it; the numbers as a dict."""
+    from dataclasses import replace
+
     from moe_apps.vision.config import get_preset, with_overrides
     from moe_apps.vision.data import make_splits
     from moe_apps.vision.train import evaluate_model, train
 
     config = with_overrides(get_preset(preset), model=model, seed=seed, epochs=epochs)
+    config = replace(config, recipe=replace(config.recipe, **(recipe or {})))
     outcome = train(config, out, data_dir=data_dir, progress=False, evaluate=False)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     import torch
@@ -50,7 +82,7 @@ def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, d
             "peak_train_mib": peak_mib, "parameters": outcome.parameters, "flops": outcome.flops}
 
 
-def step_times(rounds: int, batch_size: int, data_dir: str | None) -> dict:
+def step_times(rounds: int, batch_size: int, data_dir: str | None, recipe: dict | None = None) -> dict:
     """Median seconds per training step of moe and dense (default widths), interleaved."""
     import torch
     import torch.nn.functional as F
@@ -62,7 +94,7 @@ def step_times(rounds: int, batch_size: int, data_dir: str | None) -> dict:
 
     images = load_cifar10(data_dir).train_images[:batch_size]
     labels = torch.randint(0, 10, (batch_size,), generator=torch.Generator().manual_seed(0))
-    recipe = RecipeConfig()
+    recipe = RecipeConfig(**(recipe or {}))
     nets, opts = {}, {}
     for name in ("moe", "dense"):
         torch.manual_seed(0)
@@ -107,11 +139,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--no-train", action="store_true", help="Only the step-time measurement.")
+    parser.add_argument("--recipe", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="RecipeConfig changes for every run, e.g. router_lr_scale=0.1.")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--from-json", type=Path, nargs="+", default=None,
                         help="Print the table of results saved with --json, runs merged (nothing is run).")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    recipe = recipe_changes(args.recipe)
 
     if args.from_json:
         saved = [json.loads(path.read_text()) for path in args.from_json]
@@ -120,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         print_table(summarise(runs, list(dict.fromkeys(r["model"] for r in runs))), timing)
         return
     if args.one:
-        result = run_one(args.one[0], int(args.one[1]), args.preset, args.epochs, args.out, args.data_dir)
+        result = run_one(args.one[0], int(args.one[1]), args.preset, args.epochs, args.out, args.data_dir, recipe)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -134,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                            "--out", str(out)]
                 command += ["--epochs", str(args.epochs)] if args.epochs else []
                 command += ["--data-dir", args.data_dir] if args.data_dir else []
+                command += ["--recipe", *args.recipe] if args.recipe else []
                 print(f"training {model} seed {seed} -> {out}", file=sys.stderr, flush=True)
                 done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -141,12 +177,15 @@ def main(argv: list[str] | None = None) -> None:
                     sys.exit(f"{model} seed {seed} failed:\n{done.stderr[-3000:]}")
                 runs.append(json.loads(lines[-1][7:]))
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
-    timing = step_times(args.rounds, args.batch_size, args.data_dir) if args.step_time else None
+    timing = step_times(args.rounds, args.batch_size, args.data_dir, recipe) if args.step_time else None
 
     summary = summarise(runs, args.models)
     if args.json:
-        print(json.dumps({"preset": args.preset, "runs": runs, "summary": summary, "step_time": timing}))
+        print(json.dumps({"preset": args.preset, "recipe": recipe, "runs": runs, "summary": summary,
+                          "step_time": timing}))
         return
+    if recipe:
+        print("recipe changes: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
     print_table(summary, timing)
 
 

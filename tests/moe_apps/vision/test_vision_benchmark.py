@@ -1,5 +1,6 @@
 """benchmarks/vision_quality.py runs end to end on the smoke preset and a synthetic CIFAR-10:
-both models train in child processes, the step-time ratio is measured, the table merges saved runs."""
+both models train in child processes with the recipe change passed to them, the step-time ratio is
+measured, the table merges saved runs; a bad recipe change is refused before anything trains."""
 
 from __future__ import annotations
 
@@ -15,11 +16,15 @@ def test_vision_quality_benchmark_smoke(cifar_data: Path, tmp_path: Path) -> Non
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "smoke", "--models", "moe", "dense", "--seeds", "0",
          "--data-dir", str(cifar_data), "--out", str(tmp_path / "runs"), "--step-time", "--rounds", "2",
-         "--batch-size", "16", "--json"],
+         "--batch-size", "16", "--recipe", "router_lr_scale=0.05", "label_smoothing=0.1", "--json"],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert [r["model"] for r in result["runs"]] == ["moe", "dense"]
+    assert result["recipe"] == {"router_lr_scale": 0.05, "label_smoothing": 0.1}
+    for model in ("moe", "dense"):
+        saved_recipe = json.loads((tmp_path / "runs" / f"{model}-s0" / "config.json").read_text())["config"]["recipe"]
+        assert saved_recipe["router_lr_scale"] == 0.05 and saved_recipe["label_smoothing"] == 0.1
     for run in result["runs"]:
         assert 0.0 <= run["accuracy"] <= 1.0 and run["train_seconds"] > 0 and run["peak_train_mib"] > 100
     moe, dense = result["summary"]["moe"], result["summary"]["dense"]
@@ -33,3 +38,12 @@ def test_vision_quality_benchmark_smoke(cifar_data: Path, tmp_path: Path) -> Non
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     assert "| moe | 2 (0, 0) | 2 |" in table.stdout and "ratio" in table.stdout
+
+
+def test_vision_quality_benchmark_refuses_a_bad_recipe_change(tmp_path: Path) -> None:
+    for change, words in (("router_lr=0.1", "RecipeConfig field"), ("lr", "NAME=VALUE"),
+                          ("lr=fast", "not a JSON value"), ("router_lr_scale=-1", "router_lr_scale must be")):
+        done = subprocess.run([sys.executable, str(SCRIPT), "--recipe", change, "--out", str(tmp_path / "runs")],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and words in done.stderr and "Traceback" not in done.stderr
+        assert not (tmp_path / "runs").exists()
