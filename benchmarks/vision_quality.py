@@ -39,6 +39,8 @@ def recipe_changes(pairs: list[str]) -> dict:
     changes = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
+        if name == "epochs":
+            sys.exit("--recipe: set the epochs with --epochs, not --recipe epochs=...")
         if not sep or name not in known:
             sys.exit(f"--recipe takes NAME=VALUE with NAME a RecipeConfig field ({', '.join(sorted(known))}), "
                      f"got {pair!r}")

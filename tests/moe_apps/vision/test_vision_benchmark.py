@@ -42,7 +42,8 @@ def test_vision_quality_benchmark_smoke(cifar_data: Path, tmp_path: Path) -> Non
 
 def test_vision_quality_benchmark_refuses_a_bad_recipe_change(tmp_path: Path) -> None:
     for change, words in (("router_lr=0.1", "RecipeConfig field"), ("lr", "NAME=VALUE"),
-                          ("lr=fast", "not a JSON value"), ("router_lr_scale=-1", "router_lr_scale must be")):
+                          ("lr=fast", "not a JSON value"), ("router_lr_scale=-1", "router_lr_scale must be"),
+                          ("epochs=3", "with --epochs")):
         done = subprocess.run([sys.executable, str(SCRIPT), "--recipe", change, "--out", str(tmp_path / "runs"),
                                "--data-dir", str(tmp_path / "no-data"), "--preset", "smoke"],
                               capture_output=True, text=True, timeout=120)
