@@ -13,6 +13,7 @@ ML-100K folder and `moe-apps recsys eval --json` of its run folder in this proce
 from __future__ import annotations
 
 import copy
+import faulthandler
 import json
 import math
 import os
@@ -155,6 +156,7 @@ def _scenarios(rank: int, world: int, out: str) -> None:
 
 
 def _entry(rank: int, world: int, port: int, out: str) -> None:
+    faulthandler.enable()  # a rank killed by a signal (a SIGABRT was seen once under -n 2) prints its stack
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
