@@ -11,7 +11,7 @@ in one process, for the step-time ratio. Prints a table (``--json``: one JSON ob
     python benchmarks/vision_quality.py --step-time --no-train
     python benchmarks/vision_quality.py --models moe --recipe router_lr_scale=0.1
 
-``--recipe NAME=VALUE`` (repeatable) changes a `RecipeConfig` field for every run (the value is read
+``--recipe NAME=VALUE ...`` (the flag may also be repeated) changes a `RecipeConfig` field for every run (the value is read
 as JSON: 0.1, true, 12); the change is printed with the table and kept in ``--json``.
 """
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--no-train", action="store_true", help="Only the step-time measurement.")
-    parser.add_argument("--recipe", nargs="+", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--recipe", nargs="+", action="extend", default=[], metavar="NAME=VALUE",
                         help="RecipeConfig changes for every run, e.g. router_lr_scale=0.1.")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--from-json", type=Path, nargs="+", default=None,
@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         saved = [json.loads(path.read_text()) for path in args.from_json]
         runs = [run for result in saved for run in result["runs"]]
         timing = next((r["step_time"] for r in saved if r["step_time"]), None)
+        for path, result in zip(args.from_json, saved, strict=True):
+            if result.get("recipe"):  # runs merged from different recipes must say so
+                print(f"{path}: recipe changes " + ", ".join(f"{k}={v}" for k, v in result["recipe"].items()))
         print_table(summarise(runs, list(dict.fromkeys(r["model"] for r in runs))), timing)
         return
     if args.one:

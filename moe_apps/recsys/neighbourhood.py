@@ -12,9 +12,9 @@ and the score of a pair is ``(X_u B)[i]``: the user's other rated movies vote fo
 The score travels with each batch as a third dense feature; the networks add it to every task's
 logit with a learned weight (`moe_apps.recsys.model.FeatureEncoder`). A training rating must not
 see a score fitted on itself (the network would learn to trust a score that is optimistic on
-exactly the ratings it trains on), so the scores are **cross-fitted** (the stacking of Wolpert 1992): the fit
-ratings are dealt into ``folds`` seeded parts; ``B_k`` is fitted without part k, and a fit rating
-of part k reads ``(X_u B_k)[i]``. Every other pair (sampled unrated movies, validation and test
+exactly the ratings it trains on), so the scores are **cross-fitted** (the stacking of Wolpert
+1992): the fit ratings are dealt into ``folds`` seeded parts; ``B_k`` is fitted without part k,
+and a fit rating of part k reads ``(X_u B_k)[i]``. Every other pair (sampled unrated movies, validation and test
 ratings, the catalogue at ranking time) reads the mean over the folds' scores, so training and
 held-out pairs see scores of the same kind (each from a model that never saw that pair).
 

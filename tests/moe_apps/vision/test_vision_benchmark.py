@@ -16,7 +16,8 @@ def test_vision_quality_benchmark_smoke(cifar_data: Path, tmp_path: Path) -> Non
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "smoke", "--models", "moe", "dense", "--seeds", "0",
          "--data-dir", str(cifar_data), "--out", str(tmp_path / "runs"), "--step-time", "--rounds", "2",
-         "--batch-size", "16", "--recipe", "router_lr_scale=0.05", "label_smoothing=0.1", "--json"],
+         "--batch-size", "16", "--recipe", "router_lr_scale=0.05", "--recipe", "label_smoothing=0.1",
+         "--json"],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
@@ -38,6 +39,7 @@ def test_vision_quality_benchmark_smoke(cifar_data: Path, tmp_path: Path) -> Non
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     assert "| moe | 2 (0, 0) | 2 |" in table.stdout and "ratio" in table.stdout
+    assert "recipe changes router_lr_scale=0.05, label_smoothing=0.1" in table.stdout
 
 
 def test_vision_quality_benchmark_refuses_a_bad_recipe_change(tmp_path: Path) -> None:
