@@ -10,9 +10,12 @@ in one process, for the step-time ratio. Prints a table (``--json``: one JSON ob
     python benchmarks/vision_quality.py --models moe dense --seeds 0 --step-time
     python benchmarks/vision_quality.py --step-time --no-train
     python benchmarks/vision_quality.py --models moe --recipe router_lr_scale=0.1
+    python benchmarks/vision_quality.py --model-config num_experts=4 top_k=2 expert_width=128
 
-``--recipe NAME=VALUE ...`` (the flag may also be repeated) changes a `RecipeConfig` field for every run (the value is read
-as JSON: 0.1, true, 12); the change is printed with the table and kept in ``--json``.
+``--recipe NAME=VALUE ...`` (the flag may also be repeated) changes a `RecipeConfig` field for
+every run, ``--model-config NAME=VALUE ...`` a `ModelConfig` field (the dense twins are solved
+against the changed moe; the step times use it too); values are read as JSON (0.1, true, 12,
+[1, 2]); the changes are printed with the table and kept in ``--json``.
 """
 
 from __future__ import annotations
@@ -29,34 +32,35 @@ import time
 from pathlib import Path
 
 
-def recipe_changes(pairs: list[str]) -> dict:
-    """``["router_lr_scale=0.1", ...]`` as a dict of RecipeConfig fields (values read as JSON)."""
+def config_changes(pairs: list[str], kind: type, flag: str, owned: dict[str, str]) -> dict:
+    """``["router_lr_scale=0.1", ...]`` as a dict of ``kind``'s fields (values read as JSON; lists
+    become tuples), checked by building ``kind``; ``owned``: fields another flag sets."""
     from dataclasses import fields
 
-    from moe_apps.vision.config import RecipeConfig
-
-    known = {f.name for f in fields(RecipeConfig)}
+    known = {f.name for f in fields(kind)} - set(owned)
     changes = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if name == "epochs":
-            sys.exit("--recipe: set the epochs with --epochs, not --recipe epochs=...")
+        if name in owned:
+            sys.exit(f"{flag}: set {name} with {owned[name]}, not {flag} {name}=...")
         if not sep or name not in known:
-            sys.exit(f"--recipe takes NAME=VALUE with NAME a RecipeConfig field ({', '.join(sorted(known))}), "
+            sys.exit(f"{flag} takes NAME=VALUE with NAME a {kind.__name__} field ({', '.join(sorted(known))}), "
                      f"got {pair!r}")
         try:
             changes[name] = json.loads(value)
         except json.JSONDecodeError:
-            sys.exit(f"--recipe {name}: {value!r} is not a JSON value (write 0.1, true or \"text\")")
+            sys.exit(f"{flag} {name}: {value!r} is not a JSON value (write 0.1, true or \"text\")")
+        if isinstance(changes[name], list):
+            changes[name] = tuple(changes[name])
     try:
-        RecipeConfig(**changes)
+        kind(**changes)
     except (TypeError, ValueError) as error:
-        sys.exit(f"--recipe: {error}")
+        sys.exit(f"{flag}: {error}")
     return changes
 
 
 def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, data_dir: str | None,
-            recipe: dict | None = None) -> dict:
+            recipe: dict | None = None, model_config: dict | None = None) -> dict:
     """Train one run in this process and score it; the numbers as a dict."""
     from dataclasses import replace
 
@@ -65,7 +69,8 @@ def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, d
     from moe_apps.vision.train import evaluate_model, train
 
     config = with_overrides(get_preset(preset), model=model, seed=seed, epochs=epochs)
-    config = replace(config, recipe=replace(config.recipe, **(recipe or {})))
+    config = replace(config, recipe=replace(config.recipe, **(recipe or {})),
+                     model=replace(config.model, **(model_config or {})))
     outcome = train(config, out, data_dir=data_dir, progress=False, evaluate=False)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     import torch
@@ -84,8 +89,10 @@ def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, d
             "peak_train_mib": peak_mib, "parameters": outcome.parameters, "flops": outcome.flops}
 
 
-def step_times(rounds: int, batch_size: int, data_dir: str | None, recipe: dict | None = None) -> dict:
-    """Median seconds per training step of moe and dense (default widths), interleaved."""
+def step_times(rounds: int, batch_size: int, data_dir: str | None, recipe: dict | None = None,
+               model_config: dict | None = None) -> dict:
+    """Median seconds per training step of moe and dense (default widths and ``model_config``),
+    interleaved."""
     import torch
     import torch.nn.functional as F
 
@@ -100,7 +107,7 @@ def step_times(rounds: int, batch_size: int, data_dir: str | None, recipe: dict 
     nets, opts = {}, {}
     for name in ("moe", "dense"):
         torch.manual_seed(0)
-        net = build_model(ModelConfig(model=name))
+        net = build_model(ModelConfig(**{**(model_config or {}), "model": name}))
         net.fit_whitening(images)
         net.router_input_grad = recipe.router_input_grad  # as `train.prepare_model` sets it
         groups = param_groups(recipe)(net)
@@ -143,24 +150,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-train", action="store_true", help="Only the step-time measurement.")
     parser.add_argument("--recipe", nargs="+", action="extend", default=[], metavar="NAME=VALUE",
                         help="RecipeConfig changes for every run, e.g. router_lr_scale=0.1.")
+    parser.add_argument("--model-config", nargs="+", action="extend", default=[], metavar="NAME=VALUE",
+                        help="ModelConfig changes for every run, e.g. num_experts=4 top_k=2 expert_width=128.")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--from-json", type=Path, nargs="+", default=None,
                         help="Print the table of results saved with --json, runs merged (nothing is run).")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    recipe = recipe_changes(args.recipe)
+    from moe_apps.vision.config import ModelConfig, RecipeConfig
+
+    recipe = config_changes(args.recipe, RecipeConfig, "--recipe", {"epochs": "--epochs"})
+    model_config = config_changes(args.model_config, ModelConfig, "--model-config", {"model": "--models"})
 
     if args.from_json:
         saved = [json.loads(path.read_text()) for path in args.from_json]
         runs = [run for result in saved for run in result["runs"]]
         timing = next((r["step_time"] for r in saved if r["step_time"]), None)
         for path, result in zip(args.from_json, saved, strict=True):
-            if result.get("recipe"):  # runs merged from different recipes must say so
-                print(f"{path}: recipe changes " + ", ".join(f"{k}={v}" for k, v in result["recipe"].items()))
+            print_changes(result, prefix=f"{path}: ")  # runs merged from different configs must say so
         print_table(summarise(runs, list(dict.fromkeys(r["model"] for r in runs))), timing)
         return
     if args.one:
-        result = run_one(args.one[0], int(args.one[1]), args.preset, args.epochs, args.out, args.data_dir, recipe)
+        result = run_one(args.one[0], int(args.one[1]), args.preset, args.epochs, args.out, args.data_dir,
+                         recipe, model_config)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -175,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                 command += ["--epochs", str(args.epochs)] if args.epochs else []
                 command += ["--data-dir", args.data_dir] if args.data_dir else []
                 command += ["--recipe", *args.recipe] if args.recipe else []
+                command += ["--model-config", *args.model_config] if args.model_config else []
                 print(f"training {model} seed {seed} -> {out}", file=sys.stderr, flush=True)
                 done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -182,16 +195,24 @@ def main(argv: list[str] | None = None) -> None:
                     sys.exit(f"{model} seed {seed} failed:\n{done.stderr[-3000:]}")
                 runs.append(json.loads(lines[-1][7:]))
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
-    timing = step_times(args.rounds, args.batch_size, args.data_dir, recipe) if args.step_time else None
+    timing = (step_times(args.rounds, args.batch_size, args.data_dir, recipe, model_config)
+              if args.step_time else None)
 
     summary = summarise(runs, args.models)
+    result = {"preset": args.preset, "recipe": recipe, "model_config": model_config, "runs": runs,
+              "summary": summary, "step_time": timing}
     if args.json:
-        print(json.dumps({"preset": args.preset, "recipe": recipe, "runs": runs, "summary": summary,
-                          "step_time": timing}))
+        print(json.dumps(result))
         return
-    if recipe:
-        print("recipe changes: " + ", ".join(f"{k}={v}" for k, v in recipe.items()))
+    print_changes(result)
     print_table(summary, timing)
+
+
+def print_changes(result: dict, prefix: str = "") -> None:
+    """The recipe and model-config changes a result was run with, a line each (none: nothing)."""
+    for key, label in (("recipe", "recipe"), ("model_config", "model-config")):
+        if result.get(key):
+            print(f"{prefix}{label} changes: " + ", ".join(f"{k}={v}" for k, v in result[key].items()))
 
 
 def summarise(runs: list[dict], models: list[str]) -> dict:

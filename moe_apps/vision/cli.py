@@ -43,6 +43,10 @@ def train_command(
     preset: Annotated[str, typer.Option("--preset", help="default (full run) | smoke (< 1 min) | tune (45k/5k split)")] = "default",
     num_experts: Annotated[int | None, typer.Option("--num-experts", help="Experts per expert stage (E).")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="Experts per image (moe).")] = None,
+    expert_width: Annotated[int | None, typer.Option(
+        "--expert-width", help="Inner width of each expert (moe; default: the stage's width). "
+                               "Narrow experts at a larger --top-k: --num-experts 4 --top-k 2 "
+                               "--expert-width 128 costs what the default costs.")] = None,
     epochs: EpochsOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
@@ -60,7 +64,7 @@ def train_command(
     console = main_console()
     main = launch_rank()[0] == 0  # under torchrun rank 0 alone scores the test set
     overrides: dict[str, Any] = dict(model=model, num_experts=num_experts, top_k=top_k,
-                                     epochs=epochs, seed=seed, device=device)
+                                     expert_width=expert_width, epochs=epochs, seed=seed, device=device)
 
     def run() -> Any:
         if resume:

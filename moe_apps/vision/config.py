@@ -50,6 +50,10 @@ class ModelConfig:
             from every image, a residual from its expert's images; the same compute per image,
             E + 1 kernels stored for E. On the ``tune`` preset's validation slice (12 epochs, seeds
             0 / 1) 93.22% / 94.32% against 93.64% / 93.96% without it: no choice (docs/BENCHMARKS.md).
+        expert_width: moe only: the inner width of each expert group (its first conv's output);
+            None = the stage's width. Narrow experts at a larger top-k are DeepSeekMoE's
+            fine-grained experts: E = 4 of width 128 at k = 2 cost what E = 2 of width 256 cost
+            at k = 1 (FLOPs and parameters); the dense twins are solved against that cost.
     """
 
     model: str = "moe"
@@ -61,6 +65,7 @@ class ModelConfig:
     whitening_width: int = 24  # 2 x the 12 eigen-patches of a 2x2x3 patch
     logit_scale: float = 1 / 9
     expert_core: bool = False
+    expert_width: int | None = None
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -89,6 +94,11 @@ class ModelConfig:
         _positive(self.logit_scale, "logit_scale")
         if not isinstance(self.expert_core, bool):
             raise ValueError(f"expert_core must be true or false, got {self.expert_core!r}")
+        if self.expert_width is not None:
+            _int(self.expert_width, "expert_width", 1)
+            if self.model == "condconv":
+                raise ValueError("expert_width applies to moe (and the dense twins solved against "
+                                 "it), not condconv; leave it unset for condconv")
 
 
 @dataclass(frozen=True)
@@ -265,12 +275,12 @@ def get_preset(name: str) -> VisionConfig:
 
 
 def with_overrides(config: VisionConfig, *, model: str | None = None, num_experts: int | None = None,
-                   top_k: int | None = None, epochs: int | None = None, seed: int | None = None,
-                   device: str | None = None) -> VisionConfig:
+                   top_k: int | None = None, expert_width: int | None = None, epochs: int | None = None,
+                   seed: int | None = None, device: str | None = None) -> VisionConfig:
     """``config`` with the CLI's overrides (None = keep); every check runs again."""
     model_cfg = config.model
-    changes = {k: v for k, v in (("model", model), ("num_experts", num_experts), ("top_k", top_k))
-               if v is not None}
+    changes = {k: v for k, v in (("model", model), ("num_experts", num_experts), ("top_k", top_k),
+                                 ("expert_width", expert_width)) if v is not None}
     if changes:
         model_cfg = replace(model_cfg, **changes)
     recipe = config.recipe if epochs is None else replace(config.recipe, epochs=epochs)

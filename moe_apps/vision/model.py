@@ -57,12 +57,17 @@ def batch_norm(channels: int, momentum: float) -> nn.BatchNorm2d:
     return norm
 
 
-def dirac_conv(c_in: int, c_out: int) -> nn.Conv2d:
-    """3x3 same-padding conv without bias; its first min(c_in, c_out) filters start as identity."""
+def dirac_conv(c_in: int, c_out: int, *, shift_in: int = 0, shift_out: int = 0) -> nn.Conv2d:
+    """3x3 same-padding conv without bias; min(c_in, c_out) of its filters start as identity maps:
+    filter ``(i + shift_out) % c_out`` copies input channel ``(i + shift_in) % c_in``. Unshifted,
+    the first filters copy the first channels (``nn.init.dirac_``); narrow experts shift them so
+    that each reads (or writes) its own block of channels."""
     conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-    n = min(c_in, c_out)
+    i = torch.arange(min(c_in, c_out))
+    out, inp = (i + shift_out) % c_out, (i + shift_in) % c_in
     with torch.no_grad():
-        nn.init.dirac_(conv.weight[:n])
+        conv.weight[out] = 0.0
+        conv.weight[out, inp, 1, 1] = 1.0
     return conv
 
 
@@ -88,12 +93,18 @@ def channels_last_grad(x: Tensor) -> Tensor:
 
 
 class ConvGroup(nn.Module):
-    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU: ``(B, c_in, H, W) -> (B, c_out, H/2, W/2)``."""
+    """conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU: ``(B, c_in, H, W) -> (B, c_out, H/2, W/2)``.
+    ``hidden``: the first conv's output width (default ``c_out``); ``shift``: where its identity
+    filters start (`dirac_conv`: the first conv reads channels from ``shift`` on, the second
+    writes them from ``shift`` on)."""
 
-    def __init__(self, c_in: int, c_out: int, bn_momentum: float) -> None:
+    def __init__(self, c_in: int, c_out: int, bn_momentum: float, *, hidden: int | None = None,
+                 shift: int = 0) -> None:
         super().__init__()
-        self.conv1, self.conv2 = dirac_conv(c_in, c_out), dirac_conv(c_out, c_out)
-        self.norm1, self.norm2 = batch_norm(c_out, bn_momentum), batch_norm(c_out, bn_momentum)
+        hidden = c_out if hidden is None else hidden
+        self.conv1 = dirac_conv(c_in, hidden, shift_in=shift)
+        self.conv2 = dirac_conv(hidden, c_out, shift_out=shift)
+        self.norm1, self.norm2 = batch_norm(hidden, bn_momentum), batch_norm(c_out, bn_momentum)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[0] == 0:
@@ -134,12 +145,16 @@ class ExpertStage(nn.Module):
     the input, standardised per channel by a BatchNorm without affine parameters: the pooled
     post-GELU features share a large common component that would otherwise send every image to
     the same expert once the BN biases move (they learn at 64 x the lr). ``core``: the experts'
-    two conv kernels are a shared core plus per-expert residuals (`SharedCore`; E >= 2)."""
+    two conv kernels are a shared core plus per-expert residuals (`SharedCore`; E >= 2).
+    ``hidden``: each expert's inner width (fine-grained experts, DeepSeekMoE: E narrow experts at
+    top-k, e.g. 4 of width 128 at k = 2 cost what 2 of width 256 cost at k = 1); expert e's
+    identity filters start at channel e x hidden, so narrow experts begin on different blocks."""
 
     def __init__(self, c_in: int, c_out: int, num_experts: int, top_k: int, bn_momentum: float, *,
-                 core: bool = False) -> None:
+                 core: bool = False, hidden: int | None = None) -> None:
         super().__init__()
-        groups = [ConvGroup(c_in, c_out, bn_momentum) for _ in range(num_experts)]
+        groups = [ConvGroup(c_in, c_out, bn_momentum, hidden=hidden, shift=e * (hidden or 0))
+                  for e in range(num_experts)]
         experts = ModuleExperts(groups, feature_dims=3)
         self.core = SharedCore(groups, ["conv1.weight", "conv2.weight"]) if core and num_experts > 1 else None
         self.router_norm = nn.BatchNorm1d(c_in, affine=False, momentum=1.0 - bn_momentum)
@@ -253,7 +268,7 @@ class VisionNet(nn.Module):
         if stage in cfg.expert_stages and cfg.model == "moe":
             self.stage_names.append(f"stage{stage}")
             return ExpertStage(c_in, c_out, cfg.num_experts, cfg.top_k, cfg.bn_momentum,
-                               core=cfg.expert_core)
+                               core=cfg.expert_core, hidden=cfg.expert_width)
         if stage in cfg.expert_stages and cfg.model == "condconv":
             return CondConvGroup(c_in, c_out, cfg.num_experts, cfg.bn_momentum)
         return ConvGroup(c_in, c_out, cfg.bn_momentum)
@@ -305,7 +320,9 @@ def flops_per_image(config: ModelConfig, widths: tuple[int, ...] | None = None) 
         group = 9 * (c_in * c_out * side * side + c_out * c_out * half * half)
         routed = stage in config.expert_stages
         if routed and config.model == "moe":
-            group = config.top_k * group + c_in * config.num_experts
+            h = c_out if config.expert_width is None else config.expert_width
+            expert = 9 * (c_in * h * side * side + h * c_out * half * half)
+            group = config.top_k * expert + c_in * config.num_experts
         elif routed and config.model == "condconv":  # mixing the kernels + two routers
             group += 9 * config.num_experts * (c_in * c_out + c_out * c_out) + (c_in + c_out) * config.num_experts
         total += group

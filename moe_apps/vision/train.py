@@ -130,10 +130,13 @@ def param_groups(recipe: RecipeConfig, expert_scale: float = 1.0):
 
 def model_config_dict(config: VisionConfig) -> dict[str, Any]:
     """What a checkpoint records of the model (and is checked against). ``expert_core`` only when
-    on, so checkpoints written before the option existed still match their own config."""
+    on and ``expert_width`` only when set, so checkpoints written before the options existed still
+    match their own config."""
     saved = asdict(config.model)
     if not saved["expert_core"]:
         del saved["expert_core"]
+    if saved["expert_width"] is None:
+        del saved["expert_width"]
     return saved
 
 

@@ -1,6 +1,7 @@
 """benchmarks/vision_quality.py runs end to end on the smoke preset and a synthetic CIFAR-10:
-both models train in child processes with the recipe change passed to them, the step-time ratio is
-measured, the table merges saved runs; a bad recipe change is refused before anything trains."""
+both models train in child processes with the recipe and model-config changes passed to them, the
+step-time ratio is measured, the table merges saved runs; a bad change is refused before anything
+trains."""
 
 from __future__ import annotations
 
@@ -17,15 +18,17 @@ def test_vision_quality_benchmark_smoke(cifar_data: Path, tmp_path: Path) -> Non
         [sys.executable, str(SCRIPT), "--preset", "smoke", "--models", "moe", "dense", "--seeds", "0",
          "--data-dir", str(cifar_data), "--out", str(tmp_path / "runs"), "--step-time", "--rounds", "2",
          "--batch-size", "16", "--recipe", "router_lr_scale=0.05", "--recipe", "label_smoothing=0.1",
-         "--json"],
+         "--model-config", "num_experts=4", "top_k=2", "expert_width=8", "--json"],
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert [r["model"] for r in result["runs"]] == ["moe", "dense"]
     assert result["recipe"] == {"router_lr_scale": 0.05, "label_smoothing": 0.1}
+    assert result["model_config"] == {"num_experts": 4, "top_k": 2, "expert_width": 8}
     for model in ("moe", "dense"):
-        saved_recipe = json.loads((tmp_path / "runs" / f"{model}-s0" / "config.json").read_text())["config"]["recipe"]
-        assert saved_recipe["router_lr_scale"] == 0.05 and saved_recipe["label_smoothing"] == 0.1
+        saved = json.loads((tmp_path / "runs" / f"{model}-s0" / "config.json").read_text())["config"]
+        assert saved["recipe"]["router_lr_scale"] == 0.05 and saved["recipe"]["label_smoothing"] == 0.1
+        assert (saved["model"]["num_experts"], saved["model"]["top_k"], saved["model"]["expert_width"]) == (4, 2, 8)
     for run in result["runs"]:
         assert 0.0 <= run["accuracy"] <= 1.0 and run["train_seconds"] > 0 and run["peak_train_mib"] > 100
     moe, dense = result["summary"]["moe"], result["summary"]["dense"]
@@ -39,14 +42,18 @@ def test_vision_quality_benchmark_smoke(cifar_data: Path, tmp_path: Path) -> Non
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     assert "| moe | 2 (0, 0) | 2 |" in table.stdout and "ratio" in table.stdout
-    assert "recipe changes router_lr_scale=0.05, label_smoothing=0.1" in table.stdout
+    assert "recipe changes: router_lr_scale=0.05, label_smoothing=0.1" in table.stdout
+    assert "model-config changes: num_experts=4, top_k=2, expert_width=8" in table.stdout
 
 
-def test_vision_quality_benchmark_refuses_a_bad_recipe_change(tmp_path: Path) -> None:
-    for change, words in (("router_lr=0.1", "RecipeConfig field"), ("lr", "NAME=VALUE"),
-                          ("lr=fast", "not a JSON value"), ("router_lr_scale=-1", "router_lr_scale must be"),
-                          ("epochs=3", "with --epochs")):
-        done = subprocess.run([sys.executable, str(SCRIPT), "--recipe", change, "--out", str(tmp_path / "runs"),
+def test_vision_quality_benchmark_refuses_a_bad_change(tmp_path: Path) -> None:
+    for flag, change, words in (
+            ("--recipe", "router_lr=0.1", "RecipeConfig field"), ("--recipe", "lr", "NAME=VALUE"),
+            ("--recipe", "lr=fast", "not a JSON value"), ("--recipe", "router_lr_scale=-1", "router_lr_scale must be"),
+            ("--recipe", "epochs=3", "with --epochs"), ("--model-config", "model=dense", "with --models"),
+            ("--model-config", "experts=4", "ModelConfig field"), ("--model-config", "expert_width=0", "expert_width"),
+            ("--model-config", "widths=7", "--model-config: ")):
+        done = subprocess.run([sys.executable, str(SCRIPT), flag, change, "--out", str(tmp_path / "runs"),
                                "--data-dir", str(tmp_path / "no-data"), "--preset", "smoke"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and words in done.stderr and "Traceback" not in done.stderr

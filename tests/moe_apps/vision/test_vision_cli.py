@@ -52,6 +52,22 @@ def test_eval_json_and_plots(trained: Path, cifar_data: Path) -> None:
     assert plain.exit_code == 0 and "no TTA" in plain.output
 
 
+def test_narrow_experts_from_the_cli_train_and_eval(cifar_data: Path, tmp_path: Path) -> None:
+    """--num-experts 4 --top-k 2 --expert-width 8: the run keeps the three choices and eval's
+    heatmap counts each image's first expert among the four."""
+    out = tmp_path / "narrow"
+    trained = runner.invoke(app, ["vision", "train", "--preset", "smoke", "--num-experts", "4", "--top-k", "2",
+                                  "--expert-width", "8", "--epochs", "1", "--data-dir", str(cifar_data),
+                                  "--out", str(out), "--no-progress"])
+    assert trained.exit_code == 0, trained.output
+    saved = json.loads((out / "config.json").read_text())["config"]["model"]
+    assert (saved["num_experts"], saved["top_k"], saved["expert_width"]) == (4, 2, 8)
+    result = runner.invoke(app, ["vision", "eval", str(out), "--json", "--no-tta", "--data-dir", str(cifar_data)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["expert_fraction_by_class"]["stage2"]
+    assert len(rows) == 10 and all(len(row) == 4 and abs(sum(row) - 1) < 1e-6 for row in rows)
+
+
 def test_condconv_eval_plots_which_kernels_each_class_uses(cifar_data: Path, tmp_path: Path) -> None:
     """condconv mixes every kernel; its heatmap counts the kernel with the largest mixing weight
     of each image, per conv of its expert stage (as moe counts its top-1 expert)."""
@@ -108,6 +124,8 @@ def test_predict_goes_on_past_an_image_too_large_to_decode(trained: Path, tmp_pa
     (["--model", "condconv", "--num-experts", "4", "--top-k", "5"], 1, "top_k"),
     (["--model", "condconv", "--top-k", "0"], 1, "top_k"),
     (["--num-experts", "0"], 1, "num_experts"),
+    (["--expert-width", "0"], 1, "expert_width"),
+    (["--model", "condconv", "--expert-width", "64"], 1, "not condconv"),
     (["--epochs", "0"], 2, "epochs"),
     (["--model", "resnet"], 1, "model must be"),
     (["--preset", "huge"], 1, "unknown preset"),

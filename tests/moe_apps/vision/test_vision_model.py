@@ -40,10 +40,11 @@ def counted_macs_per_image(model: torch.nn.Module, n: int = 16) -> float:
     return counter.get_total_flops() / 2 / n
 
 
-@pytest.mark.parametrize("model_name", ["dense", "moe", "condconv"])
-def test_analytic_flops_match_the_flop_counter(model_name: str) -> None:
+@pytest.mark.parametrize("model_name,narrow", [("dense", None), ("moe", None), ("condconv", None), ("moe", 12)])
+def test_analytic_flops_match_the_flop_counter(model_name: str, narrow: int | None) -> None:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(model=model_name, expert_stages=(1, 2), num_experts=3, **SMALL))
+    model = build_model(ModelConfig(model=model_name, expert_stages=(1, 2), num_experts=3,
+                                    top_k=2 if narrow else 1, expert_width=narrow, **SMALL))
     model.fit_whitening(_images(64))
     counted = counted_macs_per_image(model)
     # The counter also sees the kernel-mixing einsum of condconv; both leave out BN/pool/activations.
@@ -60,6 +61,40 @@ def test_dense_has_the_flops_of_moe(top_k: int, stages: tuple[int, ...]) -> None
     if top_k == 2:  # two experts per image: the dense stage is wider
         assert dense.widths[2] > moe.widths[2]
     assert counted_macs_per_image(moe, 8) == pytest.approx(moe_flops, rel=2e-3)
+
+
+def test_narrow_experts_at_top2_cost_what_full_ones_cost_at_top1() -> None:
+    """Fine-grained experts (E = 4 of width 128, k = 2) against the default (E = 2 of 256, k = 1):
+    the stage's conv multiply-adds by hand from its shapes (256 -> h at 7x7, h -> 256 at 3x3),
+    the same parameters but for the extra BN biases and gate rows, and the same dense twin."""
+    full = ModelConfig(model="moe")
+    narrow = ModelConfig(model="moe", num_experts=4, top_k=2, expert_width=128)
+    by_hand = {h: 9 * (256 * h * 7 * 7 + h * 256 * 3 * 3) for h in (128, 256)}
+    assert by_hand[256] == 2 * by_hand[128]
+    assert flops_per_image(narrow) - flops_per_image(full) == 256 * 4 - 256 * 2  # the two extra gate rows
+    extra = 4 * (128 + 256) - 2 * (256 + 256) + (4 - 2) * 256  # BN biases, gate rows; the kernels equal
+    assert count_parameters(build_model(narrow)) - count_parameters(build_model(full)) == extra
+    assert build_model(ModelConfig(**{**narrow.__dict__, "model": "dense"})).widths == (64, 256, 256)
+    model = build_model(ModelConfig(model="moe", num_experts=4, top_k=2, expert_width=12, **SMALL))
+    assert counted_macs_per_image(model, 8) == pytest.approx(flops_per_image(model.config), rel=2e-3)
+
+
+def test_narrow_experts_start_on_their_own_block_of_channels() -> None:
+    """Expert e's first conv copies input channels from e x h on, its second writes its h channels
+    to output channels from e x h on (wrapping around); with the full width nothing shifts, as
+    torch's own dirac init."""
+    torch.manual_seed(0)
+    stage = ExpertStage(16, 16, num_experts=3, top_k=2, bn_momentum=0.6, hidden=6)
+    x = torch.randn(2, 16, 4, 4)
+    for e, expert in enumerate(stage.moe.experts.experts):
+        blocks = [(e * 6 + i) % 16 for i in range(6)]
+        torch.testing.assert_close(expert.conv1(x), x[:, blocks])
+        h = torch.randn(2, 6, 4, 4)
+        torch.testing.assert_close(expert.conv2(h)[:, blocks], h)
+    reference = torch.empty(16, 16, 3, 3)
+    torch.nn.init.dirac_(reference)
+    for expert in ExpertStage(16, 16, num_experts=2, top_k=1, bn_momentum=0.6).moe.experts.experts:
+        assert torch.equal(expert.conv1.weight, reference) and torch.equal(expert.conv2.weight, reference)
 
 
 def test_dense_wide_has_the_parameters_of_moe() -> None:
@@ -207,6 +242,8 @@ def test_whitening_decorrelates_patches() -> None:
     (dict(expert_stages=(3,)), "expert stage"),
     (dict(model="mlp"), "model must be"),
     (dict(expert_core=1), "expert_core must be true or false"),
+    (dict(expert_width=0), "expert_width"),
+    (dict(model="condconv", expert_width=64), "not condconv"),
 ])
 def test_impossible_model_configs_are_refused(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -245,11 +282,15 @@ def test_a_saved_model_from_before_expert_core_has_no_core_and_its_checkpoints_s
 
     raw = get_preset("smoke").to_dict()
     assert raw["model"].pop("expert_core") is False  # the default
+    assert raw["model"].pop("expert_width") is None  # the default, added later still
     old = VisionConfig.from_dict(raw)
     assert old.model.expert_core is False and build_model(old.model).groups[2].core is None
     assert model_config_dict(old) == raw["model"]  # what its checkpoints recorded
     cored = replace(old, model=replace(old.model, expert_core=True))
     assert model_config_dict(cored)["expert_core"] is True
+    assert "expert_width" not in model_config_dict(old)  # nor is expert_width, unless set
+    narrow = replace(old, model=replace(old.model, num_experts=4, top_k=2, expert_width=8))
+    assert model_config_dict(narrow)["expert_width"] == 8
 
 
 def test_expert_core_experts_start_identical_and_read_core_plus_residual() -> None:
