@@ -11,6 +11,11 @@ in one process, for the step-time ratio. Prints a table (``--json``: one JSON ob
     python benchmarks/vision_quality.py --step-time --no-train
     python benchmarks/vision_quality.py --models moe --recipe router_lr_scale=0.1
     python benchmarks/vision_quality.py --model-config num_experts=4 top_k=2 expert_width=128
+    python benchmarks/vision_quality.py --preset tune --score val --models moe --seeds 0 1 --epochs 12
+
+``--score val`` scores the held-out validation slice of the preset (``tune``: 5,000 of the training
+images) instead of the test set, with and without TTA: how choices are made without touching the
+test set.
 
 ``--recipe NAME=VALUE ...`` (the flag may also be repeated) changes a `RecipeConfig` field for
 every run, ``--model-config NAME=VALUE ...`` a `ModelConfig` field (the dense twins are solved
@@ -60,8 +65,9 @@ def config_changes(pairs: list[str], kind: type, flag: str, owned: dict[str, str
 
 
 def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, data_dir: str | None,
-            recipe: dict | None = None, model_config: dict | None = None) -> dict:
-    """Train one run in this process and score it; the numbers as a dict."""
+            recipe: dict | None = None, model_config: dict | None = None, score: str = "test") -> dict:
+    """Train one run in this process and score it (``score``: the test set, or the preset's
+    validation slice with and without TTA); the numbers as a dict."""
     from dataclasses import replace
 
     from moe_apps.vision.config import get_preset, with_overrides
@@ -82,9 +88,19 @@ def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, d
     net = build_model(config.model)
     load_checkpoint(out / "checkpoints" / "best.pt", net, app=APP, model_config=model_config_dict(config))
     data = make_splits(config, data_dir)
-    with torch.no_grad():
-        report = evaluate_model(net.eval(), config, data, out, tta=True)
-    return {"model": model, "seed": seed, "epochs": config.recipe.epochs, "accuracy": report["accuracy"],
+    scores = {"score": score}
+    if score == "val":
+        from moe_apps.vision.data import eval_batches
+        from moe_apps.vision.task import predict
+
+        for key, tta in (("accuracy", True), ("accuracy_one_view", False)):
+            probs_NC = predict(net, eval_batches(data.val, config.recipe.eval_batch_size), tta=tta,
+                               device=torch.device("cpu"), precision=config.recipe.precision).probs_NC
+            scores[key] = (probs_NC.argmax(-1) == data.val.labels).float().mean().item()
+    else:
+        with torch.no_grad():
+            scores["accuracy"] = evaluate_model(net.eval(), config, data, out, tta=True)["accuracy"]
+    return {"model": model, "seed": seed, "epochs": config.recipe.epochs, **scores,
             "train_seconds": outcome.train_seconds, "images_per_second": outcome.images_per_second,
             "peak_train_mib": peak_mib, "parameters": outcome.parameters, "flops": outcome.flops}
 
@@ -152,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="RecipeConfig changes for every run, e.g. router_lr_scale=0.1.")
     parser.add_argument("--model-config", nargs="+", action="extend", default=[], metavar="NAME=VALUE",
                         help="ModelConfig changes for every run, e.g. num_experts=4 top_k=2 expert_width=128.")
+    parser.add_argument("--score", choices=["test", "val"], default="test",
+                        help="Score the test set (default) or the preset's validation slice (tuning).")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--from-json", type=Path, nargs="+", default=None,
                         help="Print the table of results saved with --json, runs merged (nothing is run).")
@@ -161,6 +179,16 @@ def main(argv: list[str] | None = None) -> None:
 
     recipe = config_changes(args.recipe, RecipeConfig, "--recipe", {"epochs": "--epochs"})
     model_config = config_changes(args.model_config, ModelConfig, "--model-config", {"model": "--models"})
+    if args.score == "val" and not args.from_json and not args.no_train:
+        from moe_apps.vision.config import get_preset
+
+        try:
+            held_out = get_preset(args.preset).validation
+        except ValueError as error:
+            sys.exit(f"--preset: {error}")
+        if not held_out:
+            sys.exit(f"--score val: the {args.preset!r} preset holds out no validation images; "
+                     "use --preset tune (or smoke)")
 
     if args.from_json:
         saved = [json.loads(path.read_text()) for path in args.from_json]
@@ -172,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.one:
         result = run_one(args.one[0], int(args.one[1]), args.preset, args.epochs, args.out, args.data_dir,
-                         recipe, model_config)
+                         recipe, model_config, args.score)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -188,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                 command += ["--data-dir", args.data_dir] if args.data_dir else []
                 command += ["--recipe", *args.recipe] if args.recipe else []
                 command += ["--model-config", *args.model_config] if args.model_config else []
+                command += ["--score", args.score]
                 print(f"training {model} seed {seed} -> {out}", file=sys.stderr, flush=True)
                 done = subprocess.run(command, capture_output=True, text=True, env=os.environ)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -216,7 +245,12 @@ def print_changes(result: dict, prefix: str = "") -> None:
 
 
 def summarise(runs: list[dict], models: list[str]) -> dict:
-    """Per model: seeds, mean +- std test accuracy, mean training time and images/s, max peak memory."""
+    """Per model: seeds, mean +- std accuracy (and each seed's), mean training time and images/s,
+    max peak memory. Runs scored on the test set and on a validation slice do not mix."""
+    scored_on = {r.get("score", "test") for r in runs}  # results saved before --score: test
+    if len(scored_on) > 1:
+        sys.exit("runs scored on the test set and on the validation slice cannot share a table; "
+                 "merge them separately")
     summary = {}
     for model in models:
         rows = [r for r in runs if r["model"] == model]
@@ -224,7 +258,8 @@ def summarise(runs: list[dict], models: list[str]) -> dict:
             continue
         acc = [r["accuracy"] for r in rows]
         summary[model] = {
-            "seeds": [r["seed"] for r in rows], "epochs": rows[0]["epochs"],
+            "seeds": [r["seed"] for r in rows], "epochs": rows[0]["epochs"], "score": rows[0].get("score", "test"),
+            "accuracy": acc, "accuracy_one_view": [r.get("accuracy_one_view") for r in rows],
             "accuracy_mean": statistics.mean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
             "train_seconds_mean": statistics.mean(r["train_seconds"] for r in rows),
             "images_per_second_mean": statistics.mean(r["images_per_second"] for r in rows),
@@ -236,11 +271,16 @@ def summarise(runs: list[dict], models: list[str]) -> dict:
 
 def print_table(summary: dict, timing: dict | None) -> None:
     if summary:
-        print("| model | seeds | epochs | test acc. (TTA) mean +- std | train s | images/s | peak train RSS MiB | params | MMACs/image |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        scored = next(iter(summary.values()))["score"]
+        label, views = ("val. acc. (TTA)", "per seed (one view)") if scored == "val" else ("test acc. (TTA)", "per seed")
+        print(f"| model | seeds | epochs | {label} mean +- std | {views} | train s | images/s | "
+              "peak train RSS MiB | params | MMACs/image |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for model, s in summary.items():
+            views = zip(s["accuracy"], s["accuracy_one_view"], strict=True)
+            per_seed = " / ".join(f"{100 * a:.2f}" + (f" ({100 * b:.2f})" if b is not None else "") for a, b in views)
             print(f"| {model} | {len(s['seeds'])} ({', '.join(map(str, s['seeds']))}) | {s['epochs']} | "
-                  f"{100 * s['accuracy_mean']:.2f} +- {100 * s['accuracy_std']:.2f}% | "
+                  f"{100 * s['accuracy_mean']:.2f} +- {100 * s['accuracy_std']:.2f}% | {per_seed} | "
                   f"{s['train_seconds_mean']:.0f} | {s['images_per_second_mean']:.0f} | "
                   f"{s['peak_train_mib_max']:.0f} | {s['parameters']:,} | {s['flops'] / 1e6:.1f} |")
     if timing:

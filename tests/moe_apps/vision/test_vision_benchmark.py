@@ -42,8 +42,43 @@ def test_vision_quality_benchmark_smoke(cifar_data: Path, tmp_path: Path) -> Non
                            capture_output=True, text=True, timeout=60)
     assert table.returncode == 0, table.stderr
     assert "| moe | 2 (0, 0) | 2 |" in table.stdout and "ratio" in table.stdout
+    assert f"| {100 * moe['accuracy_mean']:.2f} +- 0.00% | {100 * moe['accuracy'][0]:.2f} / " in table.stdout
     assert "recipe changes: router_lr_scale=0.05, label_smoothing=0.1" in table.stdout
     assert "model-config changes: num_experts=4, top_k=2, expert_width=8" in table.stdout
+
+
+def test_score_val_scores_the_held_out_slice_not_the_test_set(cifar_data: Path, tmp_path: Path) -> None:
+    """--score val: accuracy on the preset's validation images (recomputed here from the saved
+    weights with a plain forward), with and without TTA; the test set is not scored (no eval.json, no confusion matrix)."""
+    import torch
+
+    from moe_apps.vision.data import make_splits
+    from moe_apps.vision.train import load_run
+
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "smoke", "--models", "moe", "--seeds", "1", "--score", "val",
+         "--data-dir", str(cifar_data), "--out", str(tmp_path / "runs"), "--json"],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = json.loads(done.stdout)["runs"]
+    assert run["score"] == "val" and 0.0 <= run["accuracy"] <= 1.0
+    loaded = load_run(tmp_path / "runs" / "moe-s1")
+    val = make_splits(loaded.config, cifar_data).val
+    assert len(val) == 100  # the smoke preset's held-out images (its test slice has 500)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        predicted = loaded.model.eval()(val.images).logits_BC
+    assert run["accuracy_one_view"] == (predicted.argmax(-1) == val.labels).float().mean().item()
+    run_dir = tmp_path / "runs" / "moe-s1"
+    assert not (run_dir / "eval.json").exists() and not (run_dir / "confusion.png").exists()
+    saved = tmp_path / "val.json"
+    saved.write_text(done.stdout)
+    table = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(saved)], capture_output=True,
+                           text=True, timeout=60)
+    assert "val. acc. (TTA)" in table.stdout and f"({100 * run['accuracy_one_view']:.2f})" in table.stdout
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--score", "val", "--out", str(tmp_path / "no")],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "holds out no validation images" in refused.stderr
+    assert not (tmp_path / "no").exists()
 
 
 def test_vision_quality_benchmark_refuses_a_bad_change(tmp_path: Path) -> None:
