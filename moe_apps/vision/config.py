@@ -54,8 +54,8 @@ class ModelConfig:
             None = the stage's width. Narrow experts at a larger top-k are DeepSeekMoE's
             fine-grained experts: E = 4 of width 128 at k = 2 cost what E = 2 of width 256 cost
             at k = 1 (FLOPs and parameters); the dense twins are solved against that cost. On the
-            ``tune`` preset's validation slice (12 epochs, seed 0) 93.64% against 93.96%: no
-            choice (docs/BENCHMARKS.md, Vision).
+            ``tune`` preset's validation slice (12 epochs, seeds 0 / 1) 93.64% / 93.98% against
+            93.96% / 94.14%: no choice (docs/BENCHMARKS.md, Vision).
     """
 
     model: str = "moe"
