@@ -72,7 +72,7 @@ def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, d
 
     from moe_apps.vision.config import get_preset, with_overrides
     from moe_apps.vision.data import make_splits
-    from moe_apps.vision.train import evaluate_model, train
+    from moe_apps.vision.train import eval_report, evaluate_model, train
 
     config = with_overrides(get_preset(preset), model=model, seed=seed, epochs=epochs)
     config = replace(config, recipe=replace(config.recipe, **(recipe or {})),
@@ -94,9 +94,10 @@ def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, d
         from moe_apps.vision.task import predict
 
         for key, tta in (("accuracy", True), ("accuracy_one_view", False)):
-            probs_NC = predict(net, eval_batches(data.val, config.recipe.eval_batch_size), tta=tta,
-                               device=torch.device("cpu"), precision=config.recipe.precision).probs_NC
-            scores[key] = (probs_NC.argmax(-1) == data.val.labels).float().mean().item()
+            preds = predict(net, eval_batches(data.val, config.recipe.eval_batch_size), tta=tta,
+                            device=torch.device("cpu"), precision=config.recipe.precision)
+            report = eval_report(preds, data.val, data.class_names, config.model.num_experts, tta=tta)
+            scores[key] = report["accuracy"]
     else:
         with torch.no_grad():
             scores["accuracy"] = evaluate_model(net.eval(), config, data, out, tta=True)["accuracy"]
@@ -193,6 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_json:
         saved = [json.loads(path.read_text()) for path in args.from_json]
         runs = [run for result in saved for run in result["runs"]]
+        if len({run.get("score", "test") for run in runs}) > 1:  # saved before --score: test
+            sys.exit("runs scored on the test set and on the validation slice cannot share a table; "
+                     "merge them separately")
         timing = next((r["step_time"] for r in saved if r["step_time"]), None)
         for path, result in zip(args.from_json, saved, strict=True):
             print_changes(result, prefix=f"{path}: ")  # runs merged from different configs must say so
@@ -246,11 +250,7 @@ def print_changes(result: dict, prefix: str = "") -> None:
 
 def summarise(runs: list[dict], models: list[str]) -> dict:
     """Per model: seeds, mean +- std accuracy (and each seed's), mean training time and images/s,
-    max peak memory. Runs scored on the test set and on a validation slice do not mix."""
-    scored_on = {r.get("score", "test") for r in runs}  # results saved before --score: test
-    if len(scored_on) > 1:
-        sys.exit("runs scored on the test set and on the validation slice cannot share a table; "
-                 "merge them separately")
+    max peak memory."""
     summary = {}
     for model in models:
         rows = [r for r in runs if r["model"] == model]

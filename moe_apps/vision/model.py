@@ -153,7 +153,7 @@ class ExpertStage(nn.Module):
     def __init__(self, c_in: int, c_out: int, num_experts: int, top_k: int, bn_momentum: float, *,
                  core: bool = False, hidden: int | None = None) -> None:
         super().__init__()
-        groups = [ConvGroup(c_in, c_out, bn_momentum, hidden=hidden, shift=e * (hidden or 0))
+        groups = [ConvGroup(c_in, c_out, bn_momentum, hidden=hidden, shift=0 if hidden is None else e * hidden)
                   for e in range(num_experts)]
         experts = ModuleExperts(groups, feature_dims=3)
         self.core = SharedCore(groups, ["conv1.weight", "conv2.weight"]) if core and num_experts > 1 else None

@@ -128,16 +128,15 @@ def param_groups(recipe: RecipeConfig, expert_scale: float = 1.0):
     return groups
 
 
+# ModelConfig fields added after runs were saved: recorded only when set, so a checkpoint written
+# before a field existed still matches its own config
+ADDED_LATER = {"expert_core": False, "expert_width": None}
+
+
 def model_config_dict(config: VisionConfig) -> dict[str, Any]:
-    """What a checkpoint records of the model (and is checked against). ``expert_core`` only when
-    on and ``expert_width`` only when set, so checkpoints written before the options existed still
-    match their own config."""
-    saved = asdict(config.model)
-    if not saved["expert_core"]:
-        del saved["expert_core"]
-    if saved["expert_width"] is None:
-        del saved["expert_width"]
-    return saved
+    """What a checkpoint records of the model (and is checked against): the model config without
+    the `ADDED_LATER` fields that are at their default."""
+    return {k: v for k, v in asdict(config.model).items() if k not in ADDED_LATER or v != ADDED_LATER[k]}
 
 
 def prepare_model(config: VisionConfig, data: VisionData) -> VisionNet:

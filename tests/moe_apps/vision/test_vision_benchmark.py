@@ -67,7 +67,7 @@ def test_score_val_scores_the_held_out_slice_not_the_test_set(cifar_data: Path, 
     assert len(val) == 100  # the smoke preset's held-out images (its test slice has 500)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         predicted = loaded.model.eval()(val.images).logits_BC
-    assert run["accuracy_one_view"] == (predicted.argmax(-1) == val.labels).float().mean().item()
+    assert round(run["accuracy_one_view"] * len(val)) == int((predicted.argmax(-1) == val.labels).sum())
     run_dir = tmp_path / "runs" / "moe-s1"
     assert not (run_dir / "eval.json").exists() and not (run_dir / "confusion.png").exists()
     saved = tmp_path / "val.json"
@@ -75,6 +75,12 @@ def test_score_val_scores_the_held_out_slice_not_the_test_set(cifar_data: Path, 
     table = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(saved)], capture_output=True,
                            text=True, timeout=60)
     assert "val. acc. (TTA)" in table.stdout and f"({100 * run['accuracy_one_view']:.2f})" in table.stdout
+    as_test = json.loads(done.stdout)
+    del as_test["runs"][0]["score"]  # a result saved before --score: scored on the test set
+    (tmp_path / "test.json").write_text(json.dumps(as_test))
+    mixed = subprocess.run([sys.executable, str(SCRIPT), "--from-json", str(saved), str(tmp_path / "test.json")],
+                           capture_output=True, text=True, timeout=60)
+    assert mixed.returncode != 0 and "cannot share a table" in mixed.stderr
     refused = subprocess.run([sys.executable, str(SCRIPT), "--score", "val", "--out", str(tmp_path / "no")],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "holds out no validation images" in refused.stderr
