@@ -32,8 +32,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from moe_apps.training.distributed import (
     rank_device,
 )
 from moe_apps.training.plots import plot_curves
+from moe_apps.training.run_state import RunState, is_better
 from moe_apps.training.runtime import (
     ParamGroupsFn,
     autocast,
@@ -69,38 +69,12 @@ from moe_apps.training.runtime import (
     set_seed,
     to_device,
 )
-from moe_core.diagnostics import RoutingStats, StatsAccumulator
+from moe_core.diagnostics import RoutingStats
 from moe_core.losses import collect_aux_losses, weighted_aux_loss
 
-ROUTING_KEYS = ("load_cv", "dead_experts", "dropped_fraction", "entropy")
 # Logged in metrics.jsonl but left off the one-line epoch summary (per-expert detail).
 QUIET_PREFIXES = ("routing_", "val_gate", "train_gate")
 PLOT_EVERY_S = 30.0  # redraw curves.png at an epoch end at most this often (and always at the end)
-
-
-@dataclass
-class _RunState:
-    """Where a run stands; all of it goes into checkpoints/last.pt."""
-
-    epoch: int = 0  # 0-based index of the epoch being trained (== epochs done)
-    step_in_epoch: int = 0  # steps of that epoch already done
-    global_step: int = 0
-    best_metric: float | None = None
-    best_epoch: int | None = None  # from 1
-    best_metrics: dict[str, float] = field(default_factory=dict)
-    bad_epochs: int = 0
-    stopped_early: bool = False
-    history: list[dict[str, float]] = field(default_factory=list)
-    sums: dict[str, Tensor] = field(default_factory=dict)  # running float64 sums of this epoch
-    metric_sums: dict[str, Tensor] = field(default_factory=dict)  # same, of the task's metrics
-    routing: dict[str, StatsAccumulator] = field(default_factory=dict)  # per MoE layer name
-    seconds: float = 0.0  # time spent in this epoch before a resume
-
-
-def _is_better(value: float, best: float | None, mode: str) -> bool:
-    if not math.isfinite(value):
-        return False
-    return best is None or (value < best if mode == "min" else value > best)
 
 
 class _Trainer:
@@ -123,23 +97,20 @@ class _Trainer:
         self.scheduler = build_scheduler(self.optimizer, config, total_steps)
         self.average = None if config.averaging == "none" else WeightAverage(
             config.averaging, config.averaging_decay, config.averaging_every, config.averaging_start_epoch)
-        self.run = _RunState()
+        self.run = RunState()
         self.last_plot = -math.inf
 
     # ----- checkpoints -------------------------------------------------------------------------
+    def _header(self) -> dict[str, Any]:
+        """What every checkpoint says of the run's app and configs (checked on resume and load)."""
+        return {"app": self.app, "model_config": self.model_config, "train_config": asdict(self.config)}
+
     def _metadata(self) -> dict[str, Any]:
-        run = self.run
-        return {
-            "app": self.app, "model_config": self.model_config, "train_config": asdict(self.config),
-            "epoch": run.epoch, "step_in_epoch": run.step_in_epoch, "global_step": run.global_step,
-            "best_metric": run.best_metric, "best_epoch": run.best_epoch,
-            "best_metrics": dict(run.best_metrics), "bad_epochs": run.bad_epochs,
-            "stopped_early": run.stopped_early, "history": [dict(row) for row in run.history],
-        }
+        return {**self._header(), **self.run.metadata()}
 
     def check_finite(self) -> None:
         """FloatingPointError (before anything is saved) if the epoch's running sums went NaN/inf."""
-        bad = [k for k, v in self.run.sums.items() if not torch.isfinite(v)]
+        bad = self.run.non_finite()
         if bad:
             raise FloatingPointError(
                 f"non-finite {', '.join(bad)} in epoch {self.run.epoch + 1} by step "
@@ -155,15 +126,12 @@ class _Trainer:
         if averaging is not None and averaging["state"] is not None:
             averaging["state"] = {k: v.cpu() for k, v in sync.full_of(self.average.state).items()}
         state = {
-            **self._metadata(),
+            **self._header(),
+            **run.state_dict(),
             "model": sync.model_state(),
             "optimizer": sync.optimizer_state(self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             **sync.rng_entries(),
-            "sums": {k: v.detach().cpu() for k, v in run.sums.items()},
-            "metric_sums": {k: v.detach().cpu() for k, v in run.metric_sums.items()},
-            "routing": {name: acc.state_dict() for name, acc in run.routing.items()},
-            "seconds": run.seconds,
             "averaging": averaging,
         }
         if sync.is_main:
@@ -184,20 +152,7 @@ class _Trainer:
         step = self.scheduler.last_epoch  # follow the current config's schedule from here
         for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
             group["lr"] = base_lr * self.scheduler.lr_lambdas[0](step)
-        as_sum = partial(torch.as_tensor, dtype=torch.float64, device=self.device)
-        self.run = _RunState(
-            epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
-            global_step=state["global_step"], best_metric=state["best_metric"],
-            best_epoch=state["best_epoch"], best_metrics=dict(state["best_metrics"]),
-            bad_epochs=state["bad_epochs"], stopped_early=state["stopped_early"],
-            history=[dict(row) for row in state["history"]],
-            sums={k: as_sum(v) for k, v in state["sums"].items()},
-            metric_sums={k: as_sum(v) for k, v in state["metric_sums"].items()},
-            seconds=state["seconds"],
-        )
-        for name, fields in state["routing"].items():
-            self.run.routing[name] = StatsAccumulator()
-            self.run.routing[name].load_state_dict(fields)
+        self.run = RunState.from_state_dict(state, self.device)
         self.write_metrics()
 
     def write_metrics(self) -> None:
@@ -209,14 +164,6 @@ class _Trainer:
         atomic_write(self.metrics_path, lambda f: f.write(lines.encode()))
 
     # ----- one step / one epoch ----------------------------------------------------------------
-    def _add(self, name: str, value: Tensor | float, sums: dict[str, Tensor] | None = None) -> None:
-        """Add ``value`` to a float64 running sum on the device (no host sync: a metric given as a
-        tensor stays one)."""
-        sums = self.run.sums if sums is None else sums
-        value = torch.as_tensor(value).detach().to(self.device, torch.float64)
-        total = sums.get(name)
-        sums[name] = value if total is None else total + value
-
     def train_step(self, batch: Any) -> None:
         for module in self.model.modules():  # a layer this forward skips must not add stale values
             if getattr(module, "last_aux_losses", None) is not None:
@@ -235,22 +182,23 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip is not None:
-            self._add("grad_norm", self.sync.clip_grad_norm_(self.params, self.config.grad_clip))
+            self.run.add("grad_norm", self.sync.clip_grad_norm_(self.params, self.config.grad_clip), self.device)
         self.optimizer.step()
         self.scheduler.step()
         if self.average is not None:
             self.average.after_step(self.model, self.run.epoch)
-        self._add("train_loss", loss)
+        run = self.run
+        run.add("train_loss", loss, self.device)
         for name, value in aux.items():
-            self._add(f"aux_{name}", value)
+            run.add(f"aux_{name}", value, self.device)
         for name, value in metrics.items():
-            self._add(f"train_{name}", value, self.run.metric_sums)
+            run.add(f"train_{name}", value, self.device, metric=True)
         for name, module in self.model.named_modules():
             stats = getattr(module, "last_stats", None)
             if isinstance(stats, RoutingStats):
-                self.run.routing.setdefault(name or "model", StatsAccumulator()).update(stats)
-        self.run.step_in_epoch += 1
-        self.run.global_step += 1
+                run.add_routing(name or "model", stats)
+        run.step_in_epoch += 1
+        run.global_step += 1
 
     def validate(self, val_batches: Callable[[], Iterable[Any]]) -> dict[str, float]:
         self.net.eval()
@@ -271,21 +219,11 @@ class _Trainer:
         run, config = self.run, self.config
         self.check_finite()
         run.sums, run.metric_sums = self.sync.mean_over_ranks(run.sums), self.sync.mean_over_ranks(run.metric_sums)
-        steps = run.step_in_epoch
-        row: dict[str, float] = {"epoch": run.epoch + 1}
-        row.update({k: (v / steps).item() for k, v in sorted(run.sums.items())})
-        row.update({k: (v / steps).item() for k, v in sorted(run.metric_sums.items())})
-        for layer, accumulator in sorted(run.routing.items()):
-            summary = accumulator.summary()
-            row.update({f"routing_{layer}_{k}": float(summary[k]) for k in ROUTING_KEYS})
-        row.update({f"val_{k}": v for k, v in metrics.items()})
-        row["lr"] = self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](run.global_step - 1)
-        row["seconds"] = seconds
+        lr = self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](run.global_step - 1)
+        row = run.epoch_row(metrics, lr, seconds)
         value = metrics[config.monitor]
-        improved = _is_better(value, run.best_metric, config.monitor_mode)
-        run.history.append(row)
-        run.epoch, run.step_in_epoch = run.epoch + 1, 0
-        run.sums, run.metric_sums, run.routing, run.seconds = {}, {}, {}, 0.0
+        improved = is_better(value, run.best_metric, config.monitor_mode)
+        run.next_epoch(row)
         weights = self.validated_weights()
         if improved:
             run.best_metric, run.best_epoch, run.best_metrics = value, run.epoch, dict(metrics)
