@@ -4,8 +4,9 @@ preset, epochs and recipe, over seeds; optionally `dense-wide` (moe's parameter 
 Each training runs in a fresh child process (so its peak memory is its own): test accuracy with
 the default TTA, training wall time (evaluation excluded), training images/s and the child's
 peak resident memory during training. Then ``--step-time`` times training steps (forward,
-backward, optimizer step, batch 1024, bf16 autocast, channels_last) of moe and dense interleaved
-in one process, for the step-time ratio. Prints a table (``--json``: one JSON object).
+backward, optimizer step, batch 1024, the recipe's precision and memory format: bf16 autocast and
+channels_last unless ``--recipe`` changes them) of moe and dense interleaved in one process, for
+the step-time ratio. Prints a table (``--json``: one JSON object).
 
     python benchmarks/vision_quality.py --models moe dense --seeds 0 --step-time
     python benchmarks/vision_quality.py --step-time --no-train
@@ -109,11 +110,12 @@ def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, d
 def step_times(rounds: int, batch_size: int, data_dir: str | None, recipe: dict | None = None,
                model_config: dict | None = None) -> dict:
     """Median seconds per training step of moe and dense (default widths and ``model_config``),
-    interleaved."""
+    interleaved, in the recipe's precision and memory format."""
     import torch
     import torch.nn.functional as F
 
     from moe_apps.datasets import load_cifar10
+    from moe_apps.training.runtime import autocast
     from moe_apps.vision.config import ModelConfig, RecipeConfig
     from moe_apps.vision.model import build_model
     from moe_apps.vision.train import param_groups
@@ -126,7 +128,8 @@ def step_times(rounds: int, batch_size: int, data_dir: str | None, recipe: dict 
         torch.manual_seed(0)
         net = build_model(ModelConfig(**{**(model_config or {}), "model": name}))
         net.fit_whitening(images)
-        net.router_input_grad = recipe.router_input_grad  # as `train.prepare_model` sets it
+        net.channels_last = recipe.channels_last  # as `train.prepare_model` sets them
+        net.router_input_grad = recipe.router_input_grad
         groups = param_groups(recipe)(net)
         opts[name] = torch.optim.SGD([{"params": g["params"], "lr": 1e-3} for g in groups],
                                      momentum=0.85, nesterov=True)
@@ -134,7 +137,7 @@ def step_times(rounds: int, batch_size: int, data_dir: str | None, recipe: dict 
 
     def step(name: str) -> float:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast(torch.device("cpu"), recipe.precision):
             out = nets[name](images)
             loss = F.cross_entropy(out.logits_BC, labels, label_smoothing=0.2)
         loss.backward()
@@ -149,7 +152,8 @@ def step_times(rounds: int, batch_size: int, data_dir: str | None, recipe: dict 
         for name in nets:
             times[name].append(step(name))
     median = {name: statistics.median(values) for name, values in times.items()}
-    return {"batch_size": batch_size, "rounds": rounds, "moe_s": median["moe"], "dense_s": median["dense"],
+    return {"batch_size": batch_size, "rounds": rounds, "precision": recipe.precision,
+            "channels_last": recipe.channels_last, "moe_s": median["moe"], "dense_s": median["dense"],
             "ratio": median["moe"] / median["dense"]}
 
 
@@ -284,7 +288,8 @@ def print_table(summary: dict, timing: dict | None) -> None:
                   f"{s['train_seconds_mean']:.0f} | {s['images_per_second_mean']:.0f} | "
                   f"{s['peak_train_mib_max']:.0f} | {s['parameters']:,} | {s['flops'] / 1e6:.1f} |")
     if timing:
-        print(f"step time (batch {timing['batch_size']}, median of {timing['rounds']} interleaved rounds): "
+        layout = f", {timing['precision']}{', channels_last' if timing['channels_last'] else ''}" if "precision" in timing else ""
+        print(f"step time (batch {timing['batch_size']}{layout}, median of {timing['rounds']} interleaved rounds): "
               f"moe {1000 * timing['moe_s']:.0f} ms, dense {1000 * timing['dense_s']:.0f} ms, "
               f"ratio {timing['ratio']:.3f}")
 

@@ -99,3 +99,29 @@ def test_vision_quality_benchmark_refuses_a_bad_change(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and words in done.stderr and "Traceback" not in done.stderr
         assert not (tmp_path / "runs").exists()
+
+
+def test_step_time_follows_the_recipe_precision_and_layout(cifar_data: Path, monkeypatch) -> None:
+    """--step-time in fp32 without channels_last (as --recipe says): every forward of the timed
+    nets runs without autocast on NCHW input, and the table says which precision it timed."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import vision_quality
+
+    from moe_apps.vision.model import VisionNet
+
+    seen = []
+    forward = VisionNet.forward
+
+    def spy(self, x, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), self.channels_last))
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(VisionNet, "forward", spy)
+    timing = vision_quality.step_times(1, 8, str(cifar_data), {"precision": "fp32", "channels_last": False})
+    assert seen and set(seen) == {(False, False)}
+    assert (timing["precision"], timing["channels_last"]) == ("fp32", False)
+    seen.clear()
+    vision_quality.step_times(1, 8, str(cifar_data))  # the recipe's defaults: bf16, channels_last
+    assert set(seen) == {(True, True)}
