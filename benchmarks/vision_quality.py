@@ -6,7 +6,9 @@ the default TTA, training wall time (evaluation excluded), training images/s and
 peak resident memory during training. Then ``--step-time`` times training steps (forward,
 backward, optimizer step, batch 1024, the recipe's precision and memory format: bf16 autocast and
 channels_last unless ``--recipe`` changes them) of moe and dense interleaved in one process, for
-the step-time ratio. Prints a table (``--json``: one JSON object).
+the step-time ratio. Prints a table and, for each model beside `dense`, its accuracy minus dense's
+paired by seed (the target's comparison: same seed, same recipe), mean +- std and standard error
+over the shared seeds (``--json``: one JSON object).
 
     python benchmarks/vision_quality.py --models moe dense --seeds 0 --step-time
     python benchmarks/vision_quality.py --step-time --no-train
@@ -205,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         for path, result in zip(args.from_json, saved, strict=True):
             print_changes(result, prefix=f"{path}: ")  # runs merged from different configs must say so
         print_table(summarise(runs, list(dict.fromkeys(r["model"] for r in runs))), timing)
+        print_gaps(paired_gaps(runs))
         return
     if args.one:
         result = run_one(args.one[0], int(args.one[1]), args.preset, args.epochs, args.out, args.data_dir,
@@ -237,12 +240,13 @@ def main(argv: list[str] | None = None) -> None:
 
     summary = summarise(runs, args.models)
     result = {"preset": args.preset, "recipe": recipe, "model_config": model_config, "runs": runs,
-              "summary": summary, "step_time": timing}
+              "summary": summary, "paired": paired_gaps(runs), "step_time": timing}
     if args.json:
         print(json.dumps(result))
         return
     print_changes(result)
     print_table(summary, timing)
+    print_gaps(result["paired"])
 
 
 def print_changes(result: dict, prefix: str = "") -> None:
@@ -271,6 +275,32 @@ def summarise(runs: list[dict], models: list[str]) -> dict:
             "parameters": rows[0]["parameters"], "flops": rows[0]["flops"],
         }
     return summary
+
+
+def paired_gaps(runs: list[dict], baseline: str = "dense") -> dict:
+    """Per model beside `baseline`: accuracy minus the baseline's on each seed both ran (a seed run
+    twice counts its last run), with mean, sample std and standard error of those differences."""
+    by_model: dict[str, dict[int, float]] = {}
+    for run in runs:
+        by_model.setdefault(run["model"], {})[run["seed"]] = run["accuracy"]
+    base = by_model.get(baseline, {})
+    gaps = {}
+    for model, accuracy in by_model.items():
+        seeds = sorted(set(accuracy) & set(base))
+        if model == baseline or not seeds:
+            continue
+        diffs = [accuracy[s] - base[s] for s in seeds]
+        std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        gaps[model] = {"baseline": baseline, "seeds": seeds, "differences": diffs,
+                       "mean": statistics.mean(diffs), "std": std, "stderr": std / len(diffs) ** 0.5}
+    return gaps
+
+
+def print_gaps(gaps: dict) -> None:
+    for model, g in gaps.items():
+        per_seed = " / ".join(f"{100 * d:+.2f}" for d in g["differences"])
+        print(f"{model} - {g['baseline']}, paired by seed ({', '.join(map(str, g['seeds']))}): {per_seed} points, "
+              f"mean {100 * g['mean']:+.2f} +- {100 * g['std']:.2f} (standard error {100 * g['stderr']:.2f})")
 
 
 def print_table(summary: dict, timing: dict | None) -> None:

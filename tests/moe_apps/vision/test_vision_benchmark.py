@@ -45,6 +45,32 @@ def test_vision_quality_benchmark_smoke(cifar_data: Path, tmp_path: Path) -> Non
     assert f"| {100 * moe['accuracy_mean']:.2f} +- 0.00% | {100 * moe['accuracy'][0]:.2f} / " in table.stdout
     assert "recipe changes: router_lr_scale=0.05, label_smoothing=0.1" in table.stdout
     assert "model-config changes: num_experts=4, top_k=2, expert_width=8" in table.stdout
+    gap = result["paired"]["moe"]
+    assert gap["seeds"] == [0] and gap["differences"] == [moe["accuracy"][0] - dense["accuracy"][0]]
+    assert f"moe - dense, paired by seed (0): {100 * gap['mean']:+.2f} points" in table.stdout
+
+
+def test_paired_gaps_match_the_recorded_hand_arithmetic(monkeypatch, capsys) -> None:
+    """The three-seed test runs of docs/BENCHMARKS.md (router at 0.1 x the lr): moe - dense was
+    worked out by hand there as +0.07 / -0.24 / +0.06, -0.04 +- 0.18. Seeds only one model ran are
+    left out; a model without any shared seed gets no line."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import vision_quality
+
+    accuracy = {"moe": [0.9441, 0.9410, 0.9435, 0.9394], "dense": [0.9434, 0.9434, 0.9429], "condconv": [],
+                "dense-wide": [0.9425]}
+    runs = [{"model": m, "seed": s, "accuracy": a} for m, values in accuracy.items() for s, a in enumerate(values)]
+    runs.append({"model": "condconv", "seed": 7, "accuracy": 0.9})
+    gaps = vision_quality.paired_gaps(runs)
+    assert set(gaps) == {"moe", "dense-wide"}
+    moe = gaps["moe"]
+    assert moe["seeds"] == [0, 1, 2]
+    assert [round(100 * d, 2) for d in moe["differences"]] == [0.07, -0.24, 0.06]
+    assert (round(100 * moe["mean"], 2), round(100 * moe["std"], 2), round(100 * moe["stderr"], 2)) == (-0.04, 0.18, 0.10)
+    assert gaps["dense-wide"]["seeds"] == [0] and gaps["dense-wide"]["std"] == 0.0
+    vision_quality.print_gaps(gaps)
+    assert ("moe - dense, paired by seed (0, 1, 2): +0.07 / -0.24 / +0.06 points, mean -0.04 +- 0.18 "
+            "(standard error 0.10)") in capsys.readouterr().out
 
 
 def test_score_val_scores_the_held_out_slice_not_the_test_set(cifar_data: Path, tmp_path: Path) -> None:
