@@ -47,6 +47,9 @@ def train_command(
         "--expert-width", help="Inner width of each expert (moe; default: the stage's width). "
                                "Narrow experts at a larger --top-k: --num-experts 4 --top-k 2 "
                                "--expert-width 128 costs what the default costs.")] = None,
+    precision: Annotated[str | None, typer.Option(
+        "--precision", help="bf16 (autocast; the default, fastest with AMX or on a GPU) | fp32 (faster "
+                            "on CPUs without AMX bf16 units; docs/BENCHMARKS.md, Vision).")] = None,
     epochs: EpochsOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
@@ -56,7 +59,8 @@ def train_command(
     progress: ProgressOpt = True,
     nproc: NprocOpt = 1,
 ) -> None:
-    """Train on CIFAR-10 (bf16, channels_last on the CPU), then score the test set once (TTA).
+    """Train on CIFAR-10 (bf16 unless --precision fp32, channels_last on the CPU), then score the test
+    set once (TTA).
     --nproc N: N processes under DDP (the conv experts are replicated, not split)."""
     from moe_apps.vision.config import get_preset, with_overrides
     from moe_apps.vision.train import train
@@ -64,7 +68,8 @@ def train_command(
     console = main_console()
     main = launch_rank()[0] == 0  # under torchrun rank 0 alone scores the test set
     overrides: dict[str, Any] = dict(model=model, num_experts=num_experts, top_k=top_k,
-                                     expert_width=expert_width, epochs=epochs, seed=seed, device=device)
+                                     expert_width=expert_width, epochs=epochs, seed=seed, device=device,
+                                     precision=precision)
 
     def run() -> Any:
         if resume:

@@ -173,7 +173,7 @@ class RecipeConfig:
         if not isinstance(self.router_input_grad, bool):
             raise ValueError(f"router_input_grad must be true or false, got {self.router_input_grad!r}")
         if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+            raise ValueError(f"precision (--precision) must be 'bf16' or 'fp32', got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -278,13 +278,15 @@ def get_preset(name: str) -> VisionConfig:
 
 def with_overrides(config: VisionConfig, *, model: str | None = None, num_experts: int | None = None,
                    top_k: int | None = None, expert_width: int | None = None, epochs: int | None = None,
-                   seed: int | None = None, device: str | None = None) -> VisionConfig:
+                   seed: int | None = None, device: str | None = None,
+                   precision: str | None = None) -> VisionConfig:
     """``config`` with the CLI's overrides (None = keep); every check runs again."""
     model_cfg = config.model
     changes = {k: v for k, v in (("model", model), ("num_experts", num_experts), ("top_k", top_k),
                                  ("expert_width", expert_width)) if v is not None}
     if changes:
         model_cfg = replace(model_cfg, **changes)
-    recipe = config.recipe if epochs is None else replace(config.recipe, epochs=epochs)
+    recipe_changes = {k: v for k, v in (("epochs", epochs), ("precision", precision)) if v is not None}
+    recipe = replace(config.recipe, **recipe_changes) if recipe_changes else config.recipe
     top = {k: v for k, v in (("seed", seed), ("device", device)) if v is not None}
     return replace(config, model=model_cfg, recipe=recipe, **top)

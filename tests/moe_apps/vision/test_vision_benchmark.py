@@ -1,7 +1,8 @@
 """benchmarks/vision_quality.py runs end to end on the smoke preset and a synthetic CIFAR-10:
 both models train in child processes with the recipe and model-config changes passed to them, the
-step-time ratio is measured, the table merges saved runs; a bad change is refused before anything
-trains."""
+step-time ratio is measured, the table merges saved runs and pairs seeds against dense; a bad
+change is refused before anything trains. benchmarks/vision_precision.py times each model in every
+precision and layout."""
 
 from __future__ import annotations
 
@@ -151,3 +152,39 @@ def test_step_time_follows_the_recipe_precision_and_layout(cifar_data: Path, mon
     seen.clear()
     vision_quality.step_times(1, 8, str(cifar_data))  # the recipe's defaults: bf16, channels_last
     assert set(seen) == {(True, True)}
+
+
+def test_precision_benchmark_times_every_variant_in_its_own_precision_and_layout(cifar_data: Path,
+                                                                                  monkeypatch, capsys) -> None:
+    """benchmarks/vision_precision.py: four variants per model, each net's forward under its own
+    autocast and layout, times relative to the same model's bf16 + channels_last row."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import vision_precision
+
+    from moe_apps.vision.model import VisionNet
+
+    seen = set()
+    forward = VisionNet.forward
+
+    def spy(self, x, *args, **kwargs):
+        seen.add((self.config.model, torch.is_autocast_enabled("cpu"), self.channels_last))
+        return forward(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(VisionNet, "forward", spy)
+    vision_precision.main(["--rounds", "1", "--batch-size", "8", "--data-dir", str(cifar_data), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert seen == {(m, bf16, cl) for m in ("moe", "dense") for bf16 in (True, False) for cl in (True, False)}
+    rows = {(r["model"], r["precision"], r["layout"]): r for r in result["rows"]}
+    assert len(rows) == 8 and all(r["step_s"] > 0 for r in rows.values())
+    for model in ("moe", "dense"):
+        assert rows[(model, "bf16", "channels_last")]["vs_default"] == 1.0
+        fp32 = rows[(model, "fp32", "NCHW")]
+        assert fp32["vs_default"] == fp32["step_s"] / rows[(model, "bf16", "channels_last")]["step_s"]
+    assert {"cpu_capability", "amx", "avx512_bf16", "threads"} <= set(result["cpu"])
+    vision_precision.main(["--models", "dense", "--precisions", "fp32", "--rounds", "1", "--batch-size", "8",
+                           "--data-dir", str(cifar_data)])
+    table = capsys.readouterr().out
+    assert "| dense | fp32 | NCHW |" in table and "| dense | fp32 | channels_last |" in table
+    assert "| - |" in table  # no bf16 + channels_last row to compare with

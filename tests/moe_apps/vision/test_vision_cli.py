@@ -53,15 +53,17 @@ def test_eval_json_and_plots(trained: Path, cifar_data: Path) -> None:
 
 
 def test_narrow_experts_from_the_cli_train_and_eval(cifar_data: Path, tmp_path: Path) -> None:
-    """--num-experts 4 --top-k 2 --expert-width 8: the run keeps the three choices and eval's
-    heatmap counts each image's first expert among the four."""
+    """--num-experts 4 --top-k 2 --expert-width 8 (in fp32): the run keeps the four choices and
+    eval's heatmap counts each image's first expert among the four."""
     out = tmp_path / "narrow"
     trained = runner.invoke(app, ["vision", "train", "--preset", "smoke", "--num-experts", "4", "--top-k", "2",
-                                  "--expert-width", "8", "--epochs", "1", "--data-dir", str(cifar_data),
-                                  "--out", str(out), "--no-progress"])
+                                  "--expert-width", "8", "--precision", "fp32", "--epochs", "1",
+                                  "--data-dir", str(cifar_data), "--out", str(out), "--no-progress"])
     assert trained.exit_code == 0, trained.output
-    saved = json.loads((out / "config.json").read_text())["config"]["model"]
+    config = json.loads((out / "config.json").read_text())["config"]
+    saved = config["model"]
     assert (saved["num_experts"], saved["top_k"], saved["expert_width"]) == (4, 2, 8)
+    assert config["recipe"]["precision"] == "fp32"
     result = runner.invoke(app, ["vision", "eval", str(out), "--json", "--no-tta", "--data-dir", str(cifar_data)])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)["expert_fraction_by_class"]["stage2"]
@@ -129,6 +131,7 @@ def test_predict_goes_on_past_an_image_too_large_to_decode(trained: Path, tmp_pa
     (["--epochs", "0"], 2, "epochs"),
     (["--model", "resnet"], 1, "model must be"),
     (["--preset", "huge"], 1, "unknown preset"),
+    (["--precision", "fp16"], 1, "precision (--precision) must be"),
 ])
 def test_impossible_configs_are_refused_before_any_work(tmp_path: Path, args: list[str], code: int,
                                                         message: str) -> None:

@@ -1,0 +1,81 @@
+"""Which precision and memory format trains the vision nets fastest on this machine: training steps
+(forward, backward, SGD step, batch 1024) of `moe` and `dense` in bf16 autocast and in fp32, each
+with channels_last and with the plain NCHW layout, all interleaved in one process (median of
+``--rounds`` rounds). Prints a table with each variant's time relative to the recipe's default
+(bf16, channels_last) and the CPU facts that decide it: bf16 autocast pays off where the cores
+have bf16 matrix units (Intel AMX), and can cost time where they do not.
+
+    python benchmarks/vision_precision.py
+    python benchmarks/vision_precision.py --models moe --rounds 5 --json
+
+The answer picks `moe-apps vision train --precision` (docs/BENCHMARKS.md, Vision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vision_quality import interleaved_medians, training_steps  # noqa: E402
+
+LAYOUTS = {"channels_last": True, "NCHW": False}
+DEFAULT = ("bf16", "channels_last")
+
+
+def cpu_facts() -> dict:
+    """torch's CPU kernel level and the AMX flags Linux reports (empty elsewhere)."""
+    import torch
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].splitlines()[0].split()
+    except (OSError, IndexError):
+        flags = []
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "amx": sorted(f for f in flags if f.startswith("amx")),
+            "avx512_bf16": "avx512_bf16" in flags}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=["moe", "dense"], default=["moe", "dense"])
+    parser.add_argument("--precisions", nargs="+", choices=["bf16", "fp32"], default=["bf16", "fp32"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    variants = {(model, precision, layout): ({"model": model},
+                                             {"precision": precision, "channels_last": LAYOUTS[layout]})
+                for model in args.models for precision in args.precisions for layout in LAYOUTS}
+    names = {" ".join(key): key for key in variants}
+    step = training_steps({name: variants[key] for name, key in names.items()}, args.batch_size, args.data_dir)
+    median = interleaved_medians(step, list(names), args.rounds)
+    rows = []
+    for name, (model, precision, layout) in names.items():
+        default = median.get(f"{model} {' '.join(DEFAULT)}")
+        rows.append({"model": model, "precision": precision, "layout": layout, "step_s": median[name],
+                     "images_per_second": args.batch_size / median[name],
+                     "vs_default": median[name] / default if default else None})
+    result = {"batch_size": args.batch_size, "rounds": args.rounds, "cpu": cpu_facts(), "rows": rows}
+    if args.json:
+        print(json.dumps(result))
+        return
+    cpu = result["cpu"]
+    print(f"torch {cpu['torch']}, {cpu['threads']} threads, CPU kernels {cpu['cpu_capability']}, "
+          f"AMX: {', '.join(cpu['amx']) or 'none'}, avx512_bf16: {'yes' if cpu['avx512_bf16'] else 'no'}")
+    print(f"| model | precision | layout | ms per step (batch {args.batch_size}, median of {args.rounds}) "
+          f"| images/s | x bf16 + channels_last |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['vs_default']:.2f}" if r["vs_default"] is not None else "-"
+        print(f"| {r['model']} | {r['precision']} | {r['layout']} | {1000 * r['step_s']:.0f} | "
+              f"{r['images_per_second']:.0f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
