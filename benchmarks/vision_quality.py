@@ -297,18 +297,20 @@ def summarise(runs: list[dict], models: list[str]) -> dict:
 
 
 def paired_gaps(runs: list[dict], baseline: str = "dense") -> dict:
-    """Per model beside `baseline`: accuracy minus the baseline's on each seed both ran (a seed run
-    twice counts its last run), with mean, sample std and standard error of those differences."""
-    by_model: dict[str, dict[int, float]] = {}
+    """Per model beside `baseline`: accuracy minus the baseline's on each seed both ran for the same
+    number of epochs (a seed run twice counts its last run), with mean, sample std and standard
+    error of those differences."""
+    by_model: dict[str, dict[tuple[int, int | None], float]] = {}
     for run in runs:
-        by_model.setdefault(run["model"], {})[run["seed"]] = run["accuracy"]
+        by_model.setdefault(run["model"], {})[run["seed"], run.get("epochs")] = run["accuracy"]
     base = by_model.get(baseline, {})
     gaps = {}
     for model, accuracy in by_model.items():
-        seeds = sorted(set(accuracy) & set(base))
-        if model == baseline or not seeds:
+        shared = sorted(set(accuracy) & set(base))
+        if model == baseline or not shared:
             continue
-        diffs = [accuracy[s] - base[s] for s in seeds]
+        seeds = [seed for seed, _ in shared]
+        diffs = [accuracy[key] - base[key] for key in shared]
         std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
         gaps[model] = {"baseline": baseline, "seeds": seeds, "differences": diffs,
                        "mean": statistics.mean(diffs), "std": std, "stderr": std / len(diffs) ** 0.5}
