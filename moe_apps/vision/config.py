@@ -55,7 +55,8 @@ class ModelConfig:
             fine-grained experts: E = 4 of width 128 at k = 2 cost what E = 2 of width 256 cost
             at k = 1 (FLOPs and parameters); the dense twins are solved against that cost. On the
             ``tune`` preset's validation slice (12 epochs, seeds 0 / 1) 93.64% / 93.98% against
-            93.96% / 94.14%: no choice (docs/BENCHMARKS.md, Vision).
+            93.96% / 94.14%, and E = 3 of width 128 at k = 2 (each expert sees 2/3 of the images)
+            93.92% / 94.12%: a tie, no choice (docs/BENCHMARKS.md, Vision).
     """
 
     model: str = "moe"
