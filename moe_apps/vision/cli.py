@@ -48,8 +48,8 @@ def train_command(
                                "Narrow experts at a larger --top-k: --num-experts 4 --top-k 2 "
                                "--expert-width 128 costs what the default costs.")] = None,
     precision: Annotated[str | None, typer.Option(
-        "--precision", help="bf16 (autocast; the default, fastest with AMX or on a GPU) | fp32 (faster "
-                            "on CPUs without AMX bf16 units; docs/BENCHMARKS.md, Vision).")] = None,
+        "--precision", help="bf16 (autocast, the default) | fp32. Which trains faster depends on the "
+                            "CPU (bf16 matrix units: AMX); benchmarks/vision_precision.py times both.")] = None,
     epochs: EpochsOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
