@@ -1,6 +1,6 @@
 """`moe-apps vision train / eval / predict` on the smoke preset and a synthetic CIFAR-10
-(CliRunner), refusals before any work, a corrupted checkpoint, and kill -9 + --resume giving the
-same weights as an uninterrupted run."""
+(CliRunner), refusals before any work, a corrupted checkpoint, a --resume that would change the
+run, and kill -9 + --resume giving the same weights as an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -179,6 +179,24 @@ def test_a_damaged_config_json_is_refused_in_one_line(trained: Path, tmp_path: P
         assert result.exit_code == 1, (args, result.output)
         assert "Traceback" not in result.output and "config.json" in result.output, (args, result.output)
         assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.parametrize("change,flag", [(["--precision", "fp32"], "--precision"),
+                                         (["--num-experts", "4"], "--num-experts")])
+def test_resume_refuses_a_changed_recipe_or_model(trained: Path, tmp_path: Path, cifar_data: Path,
+                                                   change: list[str], flag: str) -> None:
+    """--resume continues the saved run: a different precision or model is one line naming the
+    flag, exit 1, and the run folder is left as it was."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    result = runner.invoke(app, ["vision", "train", "--out", str(copy), "--resume", "--data-dir", str(cifar_data),
+                                 "--no-progress", *change])
+    assert result.exit_code == 1, result.output
+    assert f"{flag} differ" in result.output and "Traceback" not in result.output
+    assert {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 
 def test_a_run_of_another_app_is_refused_in_one_line(trained: Path, tmp_path: Path) -> None:
