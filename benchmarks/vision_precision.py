@@ -49,15 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    variants = {(model, precision, layout): ({"model": model},
-                                             {"precision": precision, "channels_last": LAYOUTS[layout]})
-                for model in args.models for precision in args.precisions for layout in LAYOUTS}
-    names = {" ".join(key): key for key in variants}
-    step = training_steps({name: variants[key] for name, key in names.items()}, args.batch_size, args.data_dir)
-    median = interleaved_medians(step, list(names), args.rounds)
+    keys = [(model, precision, layout) for model in args.models for precision in args.precisions for layout in LAYOUTS]
+    variants = {" ".join(key): ({"model": key[0]}, {"precision": key[1], "channels_last": LAYOUTS[key[2]]})
+                for key in keys}
+    median = interleaved_medians(training_steps(variants, args.batch_size, args.data_dir), list(variants),
+                                 args.rounds)
     rows = []
-    for name, (model, precision, layout) in names.items():
-        default = median.get(f"{model} {' '.join(DEFAULT)}")
+    for model, precision, layout in keys:
+        name, default = f"{model} {precision} {layout}", median.get(" ".join((model, *DEFAULT)))
         rows.append({"model": model, "precision": precision, "layout": layout, "step_s": median[name],
                      "images_per_second": args.batch_size / median[name],
                      "vs_default": median[name] / default if default else None})

@@ -300,9 +300,9 @@ def paired_gaps(runs: list[dict], baseline: str = "dense") -> dict:
     """Per model beside `baseline`: accuracy minus the baseline's on each seed both ran for the same
     number of epochs (a seed run twice counts its last run), with mean, sample std and standard
     error of those differences."""
-    by_model: dict[str, dict[tuple[int, int | None], float]] = {}
+    by_model: dict[str, dict[tuple[int, int], float]] = {}
     for run in runs:
-        by_model.setdefault(run["model"], {})[run["seed"], run.get("epochs")] = run["accuracy"]
+        by_model.setdefault(run["model"], {})[run["seed"], run["epochs"]] = run["accuracy"]
     base = by_model.get(baseline, {})
     gaps = {}
     for model, accuracy in by_model.items():

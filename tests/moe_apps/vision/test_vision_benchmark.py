@@ -60,8 +60,9 @@ def test_paired_gaps_match_the_recorded_hand_arithmetic(monkeypatch, capsys) -> 
 
     accuracy = {"moe": [0.9441, 0.9410, 0.9435, 0.9394], "dense": [0.9434, 0.9434, 0.9429], "condconv": [],
                 "dense-wide": [0.9425]}
-    runs = [{"model": m, "seed": s, "accuracy": a} for m, values in accuracy.items() for s, a in enumerate(values)]
-    runs.append({"model": "condconv", "seed": 7, "accuracy": 0.9})
+    runs = [{"model": m, "seed": s, "epochs": 12, "accuracy": a}
+            for m, values in accuracy.items() for s, a in enumerate(values)]
+    runs.append({"model": "condconv", "seed": 7, "epochs": 12, "accuracy": 0.9})
     runs.append({"model": "condconv", "seed": 0, "accuracy": 0.9, "epochs": 3})  # dense's seed 0 had other epochs
     gaps = vision_quality.paired_gaps(runs)
     assert set(gaps) == {"moe", "dense-wide"}
@@ -157,8 +158,9 @@ def test_step_time_follows_the_recipe_precision_and_layout(cifar_data: Path, mon
 
 def test_precision_benchmark_times_every_variant_in_its_own_precision_and_layout(cifar_data: Path,
                                                                                   monkeypatch, capsys) -> None:
-    """benchmarks/vision_precision.py: four variants per model, each net's forward under its own
-    autocast and layout, times relative to the same model's bf16 + channels_last row."""
+    """benchmarks/vision_precision.py: four variants per model, each timed step running the net its
+    name says (model, autocast on or off, layout), times relative to the same model's bf16 +
+    channels_last row."""
     import torch
 
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
@@ -166,17 +168,23 @@ def test_precision_benchmark_times_every_variant_in_its_own_precision_and_layout
 
     from moe_apps.vision.model import VisionNet
 
-    seen = set()
-    forward = VisionNet.forward
+    seen, current = set(), []
+    forward, make_steps = VisionNet.forward, vision_precision.training_steps
 
     def spy(self, x, *args, **kwargs):
-        seen.add((self.config.model, torch.is_autocast_enabled("cpu"), self.channels_last))
+        seen.add((current[-1], self.config.model, torch.is_autocast_enabled("cpu"), self.channels_last))
         return forward(self, x, *args, **kwargs)
 
+    def named_steps(*args, **kwargs):
+        step = make_steps(*args, **kwargs)
+        return lambda name: current.append(name) or step(name)
+
     monkeypatch.setattr(VisionNet, "forward", spy)
+    monkeypatch.setattr(vision_precision, "training_steps", named_steps)
     vision_precision.main(["--rounds", "1", "--batch-size", "8", "--data-dir", str(cifar_data), "--json"])
     result = json.loads(capsys.readouterr().out)
-    assert seen == {(m, bf16, cl) for m in ("moe", "dense") for bf16 in (True, False) for cl in (True, False)}
+    assert seen == {(f"{m} {p} {layout}", m, p == "bf16", layout == "channels_last")
+                    for m in ("moe", "dense") for p in ("bf16", "fp32") for layout in ("channels_last", "NCHW")}
     rows = {(r["model"], r["precision"], r["layout"]): r for r in result["rows"]}
     assert len(rows) == 8 and all(r["step_s"] > 0 for r in rows.values())
     for model in ("moe", "dense"):
