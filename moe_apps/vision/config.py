@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 MODELS = ("moe", "condconv", "dense", "dense-wide")
+ROUTERS = ("topk", "gumbel")  # moe's gate: `moe_apps.vision.model.ROUTER_BUILDERS` builds each
 STAGES = 3  # the backbone's three conv groups, counted from 0
 
 
@@ -57,6 +58,9 @@ class ModelConfig:
             ``tune`` preset's validation slice (12 epochs, seeds 0 / 1) 93.64% / 93.98% against
             93.96% / 94.14%, and E = 3 of width 128 at k = 2 (each expert sees 2/3 of the images)
             93.92% / 94.12%: a tie, no choice (docs/BENCHMARKS.md, Vision).
+        router: moe only: "topk" (the default: the top-k probabilities over their detached sum)
+            or "gumbel" (k = 1: hard Gumbel-softmax, the expert sampled from the gate's softmax
+            while training, the argmax at eval, straight-through gradient; Jang et al. 2017).
     """
 
     model: str = "moe"
@@ -69,6 +73,7 @@ class ModelConfig:
     logit_scale: float = 1 / 9
     expert_core: bool = False
     expert_width: int | None = None
+    router: str = "topk"
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -102,6 +107,11 @@ class ModelConfig:
             if self.model == "condconv":
                 raise ValueError("expert_width applies to moe (and the dense twins solved against "
                                  "it), not condconv; leave it unset for condconv")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if self.router == "gumbel" and self.top_k != 1:
+            raise ValueError(f"router gumbel routes each image to one expert; it needs top_k "
+                             f"(--top-k) = 1, got {self.top_k}")
 
 
 @dataclass(frozen=True)

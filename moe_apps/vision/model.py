@@ -16,6 +16,8 @@ not the features before it). Its combine weights are the top-k probabilities
 divided by their detached sum (`DetachedSumRouter`): in the forward pass they sum to 1 (so with
 k = 1 the chosen group's output passes unscaled, as in the dense backbone), while the router still
 gets the task's gradient through them (with plain renormalisation a top-1 weight is the constant 1).
+With ``router="gumbel"`` the gate is `moe_core.GumbelRouter` instead (k = 1: the expert is sampled
+from the gate's softmax while training, with a forward weight of 1 and a straight-through gradient).
 With ``expert_core`` the experts' conv kernels read a shared core plus a per-expert residual
 (`moe_core.shared_core.SharedCore`, after RMoE, Wu et al. 2022): the core learns from every image,
 a residual from its expert's images only; the compute per image is unchanged.
@@ -30,7 +32,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_apps.vision.config import ModelConfig
-from moe_core import ModuleExperts, MoE, Routing, SharedCore, SoftmaxRouter, TopKRouter
+from moe_core import (
+    GumbelRouter,
+    ModuleExperts,
+    MoE,
+    Routing,
+    SharedCore,
+    SoftmaxRouter,
+    TopKRouter,
+)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -140,6 +150,13 @@ class DetachedSumRouter(nn.Module):
         return Routing(r.probs_TE, r.logits_TE, r.expert_indices_TK, w_TK)
 
 
+# ModelConfig.router -> a builder of moe's gate from (d_model, num_experts, top_k)
+ROUTER_BUILDERS = {
+    "topk": DetachedSumRouter,
+    "gumbel": lambda d_model, num_experts, top_k: GumbelRouter(d_model, num_experts),
+}
+
+
 class ExpertStage(nn.Module):
     """E conv groups behind a top-k router (`moe_core.MoE`). The router sees the spatial mean of
     the input, standardised per channel by a BatchNorm without affine parameters: the pooled
@@ -148,17 +165,18 @@ class ExpertStage(nn.Module):
     two conv kernels are a shared core plus per-expert residuals (`SharedCore`; E >= 2).
     ``hidden``: each expert's inner width (fine-grained experts, DeepSeekMoE: E narrow experts at
     top-k, e.g. 4 of width 128 at k = 2 cost what 2 of width 256 cost at k = 1); expert e's
-    identity filters start at channel e x hidden, so narrow experts begin on different blocks."""
+    identity filters start at channel e x hidden, so narrow experts begin on different blocks.
+    ``router``: a key of `ROUTER_BUILDERS`."""
 
     def __init__(self, c_in: int, c_out: int, num_experts: int, top_k: int, bn_momentum: float, *,
-                 core: bool = False, hidden: int | None = None) -> None:
+                 core: bool = False, hidden: int | None = None, router: str = "topk") -> None:
         super().__init__()
         groups = [ConvGroup(c_in, c_out, bn_momentum, hidden=hidden, shift=0 if hidden is None else e * hidden)
                   for e in range(num_experts)]
         experts = ModuleExperts(groups, feature_dims=3)
         self.core = SharedCore(groups, ["conv1.weight", "conv2.weight"]) if core and num_experts > 1 else None
         self.router_norm = nn.BatchNorm1d(c_in, affine=False, momentum=1.0 - bn_momentum)
-        self.moe = MoE(router=DetachedSumRouter(c_in, num_experts, top_k), experts=experts)
+        self.moe = MoE(router=ROUTER_BUILDERS[router](c_in, num_experts, top_k), experts=experts)
 
     def router_input(self, x: Tensor, *, grad: bool = True) -> Tensor:
         """The router's features; ``grad=False`` detaches them, so the router's losses and the
@@ -268,7 +286,7 @@ class VisionNet(nn.Module):
         if stage in cfg.expert_stages and cfg.model == "moe":
             self.stage_names.append(f"stage{stage}")
             return ExpertStage(c_in, c_out, cfg.num_experts, cfg.top_k, cfg.bn_momentum,
-                               core=cfg.expert_core, hidden=cfg.expert_width)
+                               core=cfg.expert_core, hidden=cfg.expert_width, router=cfg.router)
         if stage in cfg.expert_stages and cfg.model == "condconv":
             return CondConvGroup(c_in, c_out, cfg.num_experts, cfg.bn_momentum)
         return ConvGroup(c_in, c_out, cfg.bn_momentum)

@@ -130,7 +130,7 @@ def param_groups(recipe: RecipeConfig, expert_scale: float = 1.0):
 
 # ModelConfig fields added after runs were saved: recorded only when set, so a checkpoint written
 # before a field existed still matches its own config
-ADDED_LATER = {"expert_core": False, "expert_width": None}
+ADDED_LATER = {"expert_core": False, "expert_width": None, "router": "topk"}
 
 
 def model_config_dict(config: VisionConfig) -> dict[str, Any]:

@@ -162,6 +162,32 @@ def test_the_router_learns_from_the_task_loss_with_top1() -> None:
     assert gate.grad is not None and gate.grad.abs().sum() > 0
 
 
+def test_the_gumbel_router_samples_while_training_and_passes_its_expert_unscaled() -> None:
+    """``router="gumbel"``: in training each image's expert is drawn from the gate's softmax (not
+    its argmax), at eval it is the argmax, the chosen group's output passes with weight 1, and the
+    gate still gets the task's gradient."""
+    torch.manual_seed(0)
+    stage = ExpertStage(8, 16, num_experts=2, top_k=1, bn_momentum=0.6, router="gumbel")
+    gate = stage.moe.router.gate.weight
+    x = torch.randn(4000, 8, 6, 6)
+    x[:, 0] = 1.0  # channel 0's mean is 1 in every image
+    with torch.no_grad():  # logits (0, 1) for every image: p(expert 1) = 1 / (1 + e^-1) = 0.731
+        gate.zero_()
+        gate[1, 0] = 1.0
+    stage.train()
+    stage.router_norm.eval()  # fresh running statistics (0, 1): the router reads the plain mean
+    out, experts_BK = stage(x)
+    assert experts_BK.float().mean().item() == pytest.approx(0.731, abs=0.03)  # binomial s.d. 0.007
+    out.square().mean().backward()
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    stage.eval()
+    with torch.no_grad():
+        out, experts_BK = stage(x[:8])
+        assert experts_BK.flatten().tolist() == [1] * 8
+        for b in (0, 5):
+            torch.testing.assert_close(out[b], stage.moe.experts.experts[1](x[b:b + 1])[0])
+
+
 @pytest.mark.parametrize("grad", [True, False])
 def test_router_input_grad_decides_whether_router_losses_reach_the_backbone(grad: bool) -> None:
     """The balance and z losses always train the gate; only with ``router_input_grad`` do they
@@ -244,6 +270,8 @@ def test_whitening_decorrelates_patches() -> None:
     (dict(expert_core=1), "expert_core must be true or false"),
     (dict(expert_width=0), "expert_width"),
     (dict(model="condconv", expert_width=64), "not condconv"),
+    (dict(router="switch"), "router must be one of topk, gumbel"),
+    (dict(router="gumbel", num_experts=4, top_k=2), "needs top_k"),
 ])
 def test_impossible_model_configs_are_refused(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -283,6 +311,7 @@ def test_a_saved_model_from_before_expert_core_has_no_core_and_its_checkpoints_s
     raw = get_preset("smoke").to_dict()
     assert raw["model"].pop("expert_core") is False  # the default
     assert raw["model"].pop("expert_width") is None  # the default, added later still
+    assert raw["model"].pop("router") == "topk"  # likewise
     old = VisionConfig.from_dict(raw)
     assert old.model.expert_core is False and build_model(old.model).groups[2].core is None
     assert model_config_dict(old) == raw["model"]  # what its checkpoints recorded
@@ -291,6 +320,7 @@ def test_a_saved_model_from_before_expert_core_has_no_core_and_its_checkpoints_s
     assert "expert_width" not in model_config_dict(old)  # nor is expert_width, unless set
     narrow = replace(old, model=replace(old.model, num_experts=4, top_k=2, expert_width=8))
     assert model_config_dict(narrow)["expert_width"] == 8
+    assert model_config_dict(replace(old, model=replace(old.model, router="gumbel")))["router"] == "gumbel"
 
 
 def test_expert_core_experts_start_identical_and_read_core_plus_residual() -> None:

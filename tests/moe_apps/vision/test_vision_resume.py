@@ -3,7 +3,9 @@ cannot choose: after the lookahead average (airbench94's, Keller Jordan 2024) ha
 updated, in the middle of an epoch. The child process SIGKILLs itself right after writing the
 checkpoint of step 9 of the smoke preset (2 epochs of 6 steps, a checkpoint every 3 steps, the
 average from step 7, updated every 2 steps); the resumed run must end with bit-identical weights,
-optimizer state and weight average to the uninterrupted one."""
+optimizer state and weight average to the uninterrupted one. Also with the experts' shared core
+(its tensors are parametrizations') and with the Gumbel router (its noise is drawn from the global
+random state mid-epoch, so the checkpoint's RNG state must carry it)."""
 
 from __future__ import annotations
 
@@ -24,9 +26,8 @@ import moe_apps.training.loop as loop
 import moe_apps.vision.config as vision_config
 from moe_apps.cli import main
 
-if {core}:  # the smoke preset with the experts' shared core (no CLI flag sets it)
-    smoke = vision_config.smoke_preset()
-    vision_config.PRESETS["smoke"] = lambda: replace(smoke, model=replace(smoke.model, expert_core=True))
+smoke = vision_config.smoke_preset()  # with model options no CLI flag sets
+vision_config.PRESETS["smoke"] = lambda: replace(smoke, model=replace(smoke.model, **{changes}))
 
 save = loop.save_checkpoint
 
@@ -46,13 +47,12 @@ def _train_args(out: Path, data: Path, *extra: str) -> list[str]:
             "--no-progress", *extra]
 
 
-@pytest.mark.parametrize("core", [False, True])
-def test_kill_after_the_average_started_then_resume_is_exact(cifar_data: Path, tmp_path: Path, core: bool) -> None:
-    """Also with ``expert_core``: the residuals and the core are parametrizations' tensors."""
+@pytest.mark.parametrize("changes", [{}, {"expert_core": True}, {"router": "gumbel"}], ids=["plain", "core", "gumbel"])
+def test_kill_after_the_average_started_then_resume_is_exact(cifar_data: Path, tmp_path: Path, changes: dict) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "moe_apps.cli"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    script = CHILD.replace("{core}", str(core))
+    script = CHILD.replace("{changes}", repr(changes))
     never = [sys.executable, "-c", script.replace("{step}", "-1")]
     subprocess.run(never + _train_args(whole, cifar_data), env=env, check=True, capture_output=True, timeout=300)
     child = [sys.executable, "-c", script.replace("{step}", str(KILL_AT_STEP))]
@@ -68,7 +68,7 @@ def test_kill_after_the_average_started_then_resume_is_exact(cifar_data: Path, t
     a = torch.load(whole / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 12
-    assert any(".core.cores." in name for name in a["model"]) is core
+    assert any(".core.cores." in name for name in a["model"]) is bool(changes.get("expert_core"))
     for part in ("model", "averaging"):
         flat_a, flat_b = _tensors(a[part]), _tensors(b[part])
         assert flat_a.keys() == flat_b.keys() and flat_a
