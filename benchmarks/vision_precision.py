@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vision_quality import interleaved_medians, training_steps  # noqa: E402
+from vision_steps import interleaved_medians, training_steps  # noqa: E402
 
 LAYOUTS = {"channels_last": True, "NCHW": False}
 DEFAULT = ("bf16", "channels_last")

@@ -23,7 +23,7 @@ test set.
 ``--recipe NAME=VALUE ...`` (the flag may also be repeated) changes a `RecipeConfig` field for
 every run, ``--model-config NAME=VALUE ...`` a `ModelConfig` field (the dense twins are solved
 against the changed moe; the step times use it too); values are read as JSON (0.1, true, 12,
-[1, 2]); the changes are printed with the table and kept in ``--json``.
+[1, 2]) or else as text (gumbel); the changes are printed with the table and kept in ``--json``.
 """
 
 from __future__ import annotations
@@ -36,14 +36,16 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vision_steps import step_times  # noqa: E402
 
 
 def config_changes(pairs: list[str], kind: type, flag: str, owned: dict[str, str]) -> dict:
-    """``["router_lr_scale=0.1", ...]`` as a dict of ``kind``'s fields (values read as JSON; lists
-    become tuples), checked by building ``kind``; ``owned``: fields another flag sets."""
+    """``["router_lr_scale=0.1", "router=gumbel", ...]`` as a dict of ``kind``'s fields (values read
+    as JSON where they are JSON, else as text; lists become tuples), checked by building ``kind``
+    (a wrong type is refused there); ``owned``: fields another flag sets."""
     from dataclasses import fields
 
     known = {f.name for f in fields(kind)} - set(owned)
@@ -58,7 +60,7 @@ def config_changes(pairs: list[str], kind: type, flag: str, owned: dict[str, str
         try:
             changes[name] = json.loads(value)
         except json.JSONDecodeError:
-            sys.exit(f"{flag} {name}: {value!r} is not a JSON value (write 0.1, true or \"text\")")
+            changes[name] = value
         if isinstance(changes[name], list):
             changes[name] = tuple(changes[name])
     try:
@@ -108,74 +110,6 @@ def run_one(model: str, seed: int, preset: str, epochs: int | None, out: Path, d
     return {"model": model, "seed": seed, "epochs": config.recipe.epochs, **scores,
             "train_seconds": outcome.train_seconds, "images_per_second": outcome.images_per_second,
             "peak_train_mib": peak_mib, "parameters": outcome.parameters, "flops": outcome.flops}
-
-
-def training_steps(variants: dict[str, tuple[dict, dict]], batch_size: int,
-                   data_dir: str | None) -> Callable[[str], float]:
-    """``step(name)``: seconds of one training step (forward, backward, SGD step on the first
-    ``batch_size`` CIFAR-10 training images) of the variant ``name`` = (ModelConfig changes,
-    RecipeConfig changes), in its recipe's precision and memory format. Each net is built once."""
-    import torch
-    import torch.nn.functional as F
-
-    from moe_apps.datasets import load_cifar10
-    from moe_apps.training.runtime import autocast
-    from moe_apps.vision.config import ModelConfig, RecipeConfig
-    from moe_apps.vision.model import build_model
-    from moe_apps.vision.train import param_groups
-
-    images = load_cifar10(data_dir).train_images[:batch_size]
-    labels = torch.randint(0, 10, (batch_size,), generator=torch.Generator().manual_seed(0))
-    nets, opts, recipes = {}, {}, {}
-    for name, (model_changes, recipe_changes) in variants.items():
-        torch.manual_seed(0)
-        recipe = recipes[name] = RecipeConfig(**recipe_changes)
-        net = build_model(ModelConfig(**model_changes))
-        net.fit_whitening(images)
-        net.channels_last = recipe.channels_last  # as `train.prepare_model` sets them
-        net.router_input_grad = recipe.router_input_grad
-        groups = param_groups(recipe)(net)
-        opts[name] = torch.optim.SGD([{"params": g["params"], "lr": 1e-3} for g in groups],
-                                     momentum=0.85, nesterov=True)
-        nets[name] = net.train()
-
-    def step(name: str) -> float:
-        start = time.perf_counter()
-        with autocast(torch.device("cpu"), recipes[name].precision):
-            out = nets[name](images)
-            loss = F.cross_entropy(out.logits_BC, labels, label_smoothing=0.2)
-        loss.backward()
-        opts[name].step()
-        opts[name].zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
-    return step
-
-
-def interleaved_medians(step: Callable[[str], float], names: list[str], rounds: int) -> dict[str, float]:
-    """Median seconds of ``step(name)`` per name over ``rounds`` rounds that take every name in turn
-    (after two warm-up steps each), so that a slower or busier machine moment hits all alike."""
-    for name in names:
-        step(name), step(name)
-    times = {name: [] for name in names}
-    for _ in range(rounds):
-        for name in names:
-            times[name].append(step(name))
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def step_times(rounds: int, batch_size: int, data_dir: str | None, recipe: dict | None = None,
-               model_config: dict | None = None) -> dict:
-    """Median seconds per training step of moe and dense (default widths and ``model_config``),
-    interleaved, in the recipe's precision and memory format."""
-    from moe_apps.vision.config import RecipeConfig
-
-    variants = {name: ({**(model_config or {}), "model": name}, recipe or {}) for name in ("moe", "dense")}
-    median = interleaved_medians(training_steps(variants, batch_size, data_dir), list(variants), rounds)
-    resolved = RecipeConfig(**(recipe or {}))
-    return {"batch_size": batch_size, "rounds": rounds, "precision": resolved.precision,
-            "channels_last": resolved.channels_last, "moe_s": median["moe"], "dense_s": median["dense"],
-            "ratio": median["moe"] / median["dense"]}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,6 +47,9 @@ def train_command(
         "--expert-width", help="Inner width of each expert (moe; default: the stage's width). "
                                "Narrow experts at a larger --top-k: --num-experts 4 --top-k 2 "
                                "--expert-width 128 costs what the default costs.")] = None,
+    router: Annotated[str | None, typer.Option(
+        "--router", help="moe's gate: topk (the default) | gumbel (k = 1: the expert sampled from the "
+                         "gate's softmax in training, straight-through; argmax at eval).")] = None,
     precision: Annotated[str | None, typer.Option(
         "--precision", help="bf16 (autocast, the default) | fp32. Which trains faster depends on the "
                             "CPU (bf16 matrix units: AMX); benchmarks/vision_precision.py times both.")] = None,
@@ -68,7 +71,7 @@ def train_command(
     console = main_console()
     main = launch_rank()[0] == 0  # under torchrun rank 0 alone scores the test set
     overrides: dict[str, Any] = dict(model=model, num_experts=num_experts, top_k=top_k,
-                                     expert_width=expert_width, epochs=epochs, seed=seed, device=device,
+                                     expert_width=expert_width, router=router, epochs=epochs, seed=seed, device=device,
                                      precision=precision)
 
     def run() -> Any:

@@ -108,7 +108,7 @@ class ModelConfig:
                 raise ValueError("expert_width applies to moe (and the dense twins solved against "
                                  "it), not condconv; leave it unset for condconv")
         if self.router not in ROUTERS:
-            raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+            raise ValueError(f"router (--router) must be one of {', '.join(ROUTERS)}, got {self.router!r}")
         if self.router == "gumbel" and self.top_k != 1:
             raise ValueError(f"router gumbel routes each image to one expert; it needs top_k "
                              f"(--top-k) = 1, got {self.top_k}")
@@ -288,13 +288,14 @@ def get_preset(name: str) -> VisionConfig:
 
 
 def with_overrides(config: VisionConfig, *, model: str | None = None, num_experts: int | None = None,
-                   top_k: int | None = None, expert_width: int | None = None, epochs: int | None = None,
+                   top_k: int | None = None, expert_width: int | None = None, router: str | None = None,
+                   epochs: int | None = None,
                    seed: int | None = None, device: str | None = None,
                    precision: str | None = None) -> VisionConfig:
     """``config`` with the CLI's overrides (None = keep); every check runs again."""
     model_cfg = config.model
     changes = {k: v for k, v in (("model", model), ("num_experts", num_experts), ("top_k", top_k),
-                                 ("expert_width", expert_width)) if v is not None}
+                                 ("expert_width", expert_width), ("router", router)) if v is not None}
     if changes:
         model_cfg = replace(model_cfg, **changes)
     recipe_changes = {k: v for k, v in (("epochs", epochs), ("precision", precision)) if v is not None}

@@ -173,7 +173,8 @@ def resolve_resume(out_dir: Path, overrides: dict[str, Any]) -> tuple[VisionConf
     free = {k: v for k, v in overrides.items() if k in RESUME_FREE}
     if laid != with_overrides(saved, **free):
         changed = sorted(k for k, v in overrides.items() if v is not None and k not in RESUME_FREE)
-        raise ValueError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} differ "
+        verb = "differs" if len(changed) == 1 else "differ"
+        raise ValueError(f"--resume: {', '.join('--' + k.replace('_', '-') for k in changed)} {verb} "
                          f"from the run's config.json in {out_dir}; only --epochs and --device may "
                          "change, drop the others to continue it")
     return laid, info.data_root

@@ -119,15 +119,28 @@ def test_score_val_scores_the_held_out_slice_not_the_test_set(cifar_data: Path, 
 def test_vision_quality_benchmark_refuses_a_bad_change(tmp_path: Path) -> None:
     for flag, change, words in (
             ("--recipe", "router_lr=0.1", "RecipeConfig field"), ("--recipe", "lr", "NAME=VALUE"),
-            ("--recipe", "lr=fast", "not a JSON value"), ("--recipe", "router_lr_scale=-1", "router_lr_scale must be"),
+            ("--recipe", "lr=fast", "lr must be a finite number"), ("--recipe", "router_lr_scale=-1", "router_lr_scale must be"),
             ("--recipe", "epochs=3", "with --epochs"), ("--model-config", "model=dense", "with --models"),
             ("--model-config", "experts=4", "ModelConfig field"), ("--model-config", "expert_width=0", "expert_width"),
-            ("--model-config", "widths=7", "--model-config: ")):
+            ("--model-config", "widths=7", "--model-config: "), ("--model-config", "router=top1", "router must be")):
         done = subprocess.run([sys.executable, str(SCRIPT), flag, change, "--out", str(tmp_path / "runs"),
                                "--data-dir", str(tmp_path / "no-data"), "--preset", "smoke"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and words in done.stderr and "Traceback" not in done.stderr
         assert not (tmp_path / "runs").exists()
+
+
+def test_changes_read_json_values_and_bare_text(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import vision_quality
+
+    from moe_apps.vision.config import ModelConfig, RecipeConfig
+
+    changes = vision_quality.config_changes(["router=gumbel", "expert_stages=[1, 2]", "num_experts=3"],
+                                            ModelConfig, "--model-config", {})
+    assert changes == {"router": "gumbel", "expert_stages": (1, 2), "num_experts": 3}
+    assert vision_quality.config_changes(['precision="fp32"', "channels_last=false"], RecipeConfig,
+                                         "--recipe", {}) == {"precision": "fp32", "channels_last": False}
 
 
 def test_step_time_follows_the_recipe_precision_and_layout(cifar_data: Path, monkeypatch) -> None:
@@ -136,7 +149,7 @@ def test_step_time_follows_the_recipe_precision_and_layout(cifar_data: Path, mon
     import torch
 
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    import vision_quality
+    import vision_steps
 
     from moe_apps.vision.model import VisionNet
 
@@ -148,11 +161,11 @@ def test_step_time_follows_the_recipe_precision_and_layout(cifar_data: Path, mon
         return forward(self, x, *args, **kwargs)
 
     monkeypatch.setattr(VisionNet, "forward", spy)
-    timing = vision_quality.step_times(1, 8, str(cifar_data), {"precision": "fp32", "channels_last": False})
+    timing = vision_steps.step_times(1, 8, str(cifar_data), {"precision": "fp32", "channels_last": False})
     assert seen and set(seen) == {(False, False)}
     assert (timing["precision"], timing["channels_last"]) == ("fp32", False)
     seen.clear()
-    vision_quality.step_times(1, 8, str(cifar_data))  # the recipe's defaults: bf16, channels_last
+    vision_steps.step_times(1, 8, str(cifar_data))  # the recipe's defaults: bf16, channels_last
     assert set(seen) == {(True, True)}
 
 

@@ -57,7 +57,7 @@ def test_narrow_experts_from_the_cli_train_and_eval(cifar_data: Path, tmp_path: 
     eval's heatmap counts each image's first expert among the four."""
     out = tmp_path / "narrow"
     trained = runner.invoke(app, ["vision", "train", "--preset", "smoke", "--num-experts", "4", "--top-k", "2",
-                                  "--expert-width", "8", "--precision", "fp32", "--epochs", "1",
+                                  "--expert-width", "8", "--precision", "fp32", "--epochs", "1", "--router", "topk",
                                   "--data-dir", str(cifar_data), "--out", str(out), "--no-progress"])
     assert trained.exit_code == 0, trained.output
     config = json.loads((out / "config.json").read_text())["config"]
@@ -132,6 +132,8 @@ def test_predict_goes_on_past_an_image_too_large_to_decode(trained: Path, tmp_pa
     (["--model", "resnet"], 1, "model must be"),
     (["--preset", "huge"], 1, "unknown preset"),
     (["--precision", "fp16"], 1, "precision (--precision) must be"),
+    (["--router", "switch"], 1, "router (--router) must be one of topk, gumbel"),
+    (["--router", "gumbel", "--top-k", "2"], 1, "it needs top_k (--top-k) = 1"),
 ])
 def test_impossible_configs_are_refused_before_any_work(tmp_path: Path, args: list[str], code: int,
                                                         message: str) -> None:
@@ -195,7 +197,7 @@ def test_resume_refuses_a_changed_recipe_or_model(trained: Path, tmp_path: Path,
     result = runner.invoke(app, ["vision", "train", "--out", str(copy), "--resume", "--data-dir", str(cifar_data),
                                  "--no-progress", *change])
     assert result.exit_code == 1, result.output
-    assert f"{flag} differ" in result.output and "Traceback" not in result.output
+    assert f"{flag} differs from the run's config.json" in result.output and "Traceback" not in result.output
     assert {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
 
 

@@ -270,7 +270,7 @@ def test_whitening_decorrelates_patches() -> None:
     (dict(expert_core=1), "expert_core must be true or false"),
     (dict(expert_width=0), "expert_width"),
     (dict(model="condconv", expert_width=64), "not condconv"),
-    (dict(router="switch"), "router must be one of topk, gumbel"),
+    (dict(router="switch"), "router .--router. must be one of topk, gumbel"),
     (dict(router="gumbel", num_experts=4, top_k=2), "needs top_k"),
 ])
 def test_impossible_model_configs_are_refused(changes: dict, message: str) -> None:
