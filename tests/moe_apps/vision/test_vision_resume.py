@@ -26,7 +26,7 @@ import moe_apps.training.loop as loop
 import moe_apps.vision.config as vision_config
 from moe_apps.cli import main
 
-smoke = vision_config.smoke_preset()  # with model options no CLI flag sets
+smoke = vision_config.smoke_preset()  # with the test's model options (expert_core has no CLI flag)
 vision_config.PRESETS["smoke"] = lambda: replace(smoke, model=replace(smoke.model, **{changes}))
 
 save = loop.save_checkpoint
@@ -69,6 +69,7 @@ def test_kill_after_the_average_started_then_resume_is_exact(cifar_data: Path, t
     b = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 12
     assert any(".core.cores." in name for name in a["model"]) is bool(changes.get("expert_core"))
+    assert any(".router.gate." in name for name in a["model"]) is (changes.get("router") == "gumbel")  # not .inner.gate
     for part in ("model", "averaging"):
         flat_a, flat_b = _tensors(a[part]), _tensors(b[part])
         assert flat_a.keys() == flat_b.keys() and flat_a
