@@ -185,8 +185,9 @@ class RecipeConfig:
             raise ValueError(f"schedule_peak must be in (0, 1), got {self.schedule_peak!r}")
         _int(self.lookahead_every, "lookahead_every", 0)
         _int(self.translate, "translate", 0, 8)
-        if not isinstance(self.router_input_grad, bool):
-            raise ValueError(f"router_input_grad must be true or false, got {self.router_input_grad!r}")
+        for name in ("router_input_grad", "tta", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision (--precision) must be 'bf16' or 'fp32', got {self.precision!r}")
 

@@ -122,7 +122,8 @@ def test_vision_quality_benchmark_refuses_a_bad_change(tmp_path: Path) -> None:
             ("--recipe", "lr=fast", "lr must be a finite number"), ("--recipe", "router_lr_scale=-1", "router_lr_scale must be"),
             ("--recipe", "epochs=3", "with --epochs"), ("--model-config", "model=dense", "with --models"),
             ("--model-config", "experts=4", "ModelConfig field"), ("--model-config", "expert_width=0", "expert_width"),
-            ("--model-config", "widths=7", "--model-config: "), ("--model-config", "router=top1", "must be one of topk, gumbel")):
+            ("--model-config", "widths=7", "--model-config: "), ("--model-config", "router=top1", "must be one of topk, gumbel"),
+            ("--recipe", "channels_last=False", "channels_last must be true or false")):
         done = subprocess.run([sys.executable, str(SCRIPT), flag, change, "--out", str(tmp_path / "runs"),
                                "--data-dir", str(tmp_path / "no-data"), "--preset", "smoke"],
                               capture_output=True, text=True, timeout=120)
