@@ -1,7 +1,7 @@
 """The vision networks, all built by `build_model(config)`: an airbench94-style CIFAR-10 backbone
 (Keller Jordan 2024, after hlb-CIFAR10 by Tysam&) with routed conv experts (`moe`), a per-image
 mixture of kernels (`condconv`: CondConv, Yang et al. 2019 / dynamic convolution, Chen et al.
-2020), or none (`dense`, `dense-wide`).
+2020; the layer is `moe_apps.vision.condconv.CondConv2d`), or none (`dense`, `dense-wide`).
 
 Backbone: uint8 images -> normalise -> frozen 2x2 patch-whitening conv (filters = +- the
 eigenvectors of the training patches' covariance scaled by 1/sqrt(eigenvalue), bias trained) ->
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moe_apps.vision.condconv import CondConv2d
 from moe_apps.vision.config import ModelConfig
 from moe_core import (
     GumbelRouter,
@@ -38,7 +39,6 @@ from moe_core import (
     MoE,
     Routing,
     SharedCore,
-    SoftmaxRouter,
     TopKRouter,
 )
 
@@ -188,35 +188,6 @@ class ExpertStage(nn.Module):
         return out.output, out.routing.expert_indices_TK
 
 
-class CondConv2d(nn.Module):
-    """3x3 conv whose kernel is, per image, the router-weighted sum of E expert kernels, run as one
-    grouped convolution over the batch (groups = B). Weights: `moe_core.SoftmaxRouter` over the
-    spatial mean of the input (dense, every expert kernel contributes)."""
-
-    def __init__(self, c_in: int, c_out: int, num_experts: int) -> None:
-        super().__init__()
-        self.c_in, self.c_out, self.num_experts = c_in, c_out, num_experts
-        self.router = SoftmaxRouter(c_in, num_experts)
-        weight = torch.empty(num_experts, c_out, c_in, 3, 3)
-        for e in range(num_experts):
-            nn.init.kaiming_uniform_(weight[e], a=5 ** 0.5)
-        with torch.no_grad():  # expert 0 dirac like the dense conv; the others stay random
-            nn.init.dirac_(weight[0, : min(c_in, c_out)])
-        self.weight_EOI33 = nn.Parameter(weight)
-
-    def forward(self, x_BCHW: Tensor) -> Tensor:
-        return self.forward_with_weights(x_BCHW)[0]
-
-    def forward_with_weights(self, x_BCHW: Tensor) -> tuple[Tensor, Tensor]:
-        """``(y_BOHW, probs_BE)``: the output and each image's mixing weights."""
-        B, _, H, W = x_BCHW.shape
-        probs_BE = self.router(x_BCHW.float().mean(dim=(-2, -1))).probs_TE
-        kernel = torch.einsum("be,eoikl->boikl", probs_BE.to(self.weight_EOI33.dtype), self.weight_EOI33)
-        y = F.conv2d(x_BCHW.reshape(1, B * self.c_in, H, W),
-                     kernel.reshape(B * self.c_out, self.c_in, 3, 3).to(x_BCHW.dtype), padding=1, groups=B)
-        return y.reshape(B, self.c_out, H, W), probs_BE
-
-
 class CondConvGroup(ConvGroup):
     """A `ConvGroup` whose two convolutions are `CondConv2d` (the norms stay shared). Returns
     ``(output, {"conv1": kernel_B1, "conv2": kernel_B1})``: per conv, the kernel with the largest
@@ -227,7 +198,7 @@ class CondConvGroup(ConvGroup):
         self.conv1, self.conv2 = CondConv2d(c_in, c_out, num_experts), CondConv2d(c_out, c_out, num_experts)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        y, probs1_BE = self.conv1.forward_with_weights(x.contiguous())
+        y, probs1_BE = self.conv1.forward_with_weights(x)
         x = F.gelu(self.norm1(F.max_pool2d(y, 2)))
         y, probs2_BE = self.conv2.forward_with_weights(x)
         chosen = {"conv1": probs1_BE.argmax(-1, keepdim=True), "conv2": probs2_BE.argmax(-1, keepdim=True)}
@@ -329,7 +300,8 @@ def stage_shapes(widths: tuple[int, ...], whitening_width: int) -> list[tuple[in
 def flops_per_image(config: ModelConfig, widths: tuple[int, ...] | None = None) -> int:
     """Multiply-adds per image of convolutions, router gates and the head (what dominates; BN,
     pooling and activations are left out), computed from the shapes at ``widths`` (default
-    ``config.widths``); moe counts the top-k experts an image runs, condconv the kernel mixing."""
+    ``config.widths``); moe counts the top-k experts an image runs, condconv CondConv's count (the
+    kernel mixing and one convolution, whichever of `moe_apps.vision.condconv.MIXED_CONVS` runs)."""
     widths = config.widths if widths is None else widths
     side = IMAGE_SIZE - 1
     total = config.whitening_width * 3 * 4 * side * side

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from moe_apps.vision.condconv import CondConv2d
 from moe_apps.vision.config import (
     ModelConfig,
     RecipeConfig,
@@ -17,7 +18,6 @@ from moe_apps.vision.config import (
     with_overrides,
 )
 from moe_apps.vision.model import (
-    CondConv2d,
     ExpertStage,
     build_model,
     count_parameters,
@@ -46,6 +46,9 @@ def test_analytic_flops_match_the_flop_counter(model_name: str, narrow: int | No
     model = build_model(ModelConfig(model=model_name, expert_stages=(1, 2), num_experts=3,
                                     top_k=2 if narrow else 1, expert_width=narrow, **SMALL))
     model.fit_whitening(_images(64))
+    for conv in model.modules():  # CondConv's own count is that of its grouped form
+        if isinstance(conv, CondConv2d):
+            conv.kind = "grouped"
     counted = counted_macs_per_image(model)
     # The counter also sees the kernel-mixing einsum of condconv; both leave out BN/pool/activations.
     assert flops_per_image(model.config, model.widths) == pytest.approx(counted, rel=2e-3)
@@ -209,11 +212,14 @@ def test_router_input_grad_decides_whether_router_losses_reach_the_backbone(grad
     assert reached == grad
 
 
-def test_condconv_matches_a_per_image_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kind,groups", [("grouped", [5]), ("summed", [1])])
+def test_condconv_matches_a_per_image_reference(monkeypatch: pytest.MonkeyPatch, kind: str,
+                                                groups: list[int]) -> None:
     """Outputs and gradients (input, expert kernels, router gate) equal a per-image loop that mixes
-    each image's kernel and convolves it alone, and the layer runs ONE grouped convolution."""
+    each image's kernel and convolves it alone, in both forms; each runs ONE convolution (grouped:
+    one group per image; summed: all expert kernels at once)."""
     torch.manual_seed(0)
-    conv = CondConv2d(6, 10, num_experts=3)
+    conv = CondConv2d(6, 10, num_experts=3, kind=kind)
     x = torch.randn(5, 6, 9, 9, requires_grad=True)
     g = torch.randn(5, 10, 9, 9)
     calls = []
@@ -226,7 +232,7 @@ def test_condconv_matches_a_per_image_reference(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(F, "conv2d", counting_conv2d)
     got = conv(x)
     monkeypatch.setattr(F, "conv2d", real_conv2d)
-    assert calls == [5]  # one convolution, one group per image
+    assert calls == groups
     (got * g).sum().backward()
     grads = [x.grad, conv.weight_EOI33.grad, conv.router.gate.weight.grad]
     x_ref = x.detach().clone().requires_grad_(True)
@@ -242,6 +248,14 @@ def test_condconv_matches_a_per_image_reference(monkeypatch: pytest.MonkeyPatch)
     (want * g).sum().backward()
     for grad, ref in zip(grads, [x_ref.grad, w_ref.grad, gate_ref.grad], strict=True):
         torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_condconv_takes_the_form_measured_faster_for_its_expert_count() -> None:
+    """Up to SUMMED_MAX_EXPERTS kernels the summed form, beyond it the grouped one; a form that does
+    not exist is refused by name."""
+    assert [CondConv2d(4, 4, e).kind for e in (1, 2, 4, 5, 8)] == ["summed"] * 3 + ["grouped"] * 2
+    with pytest.raises(ValueError, match="kind must be one of grouped, summed"):
+        CondConv2d(4, 4, 2, kind="fft")
 
 
 def test_whitening_decorrelates_patches() -> None:
