@@ -2,7 +2,7 @@
 both models train in child processes with the recipe and model-config changes passed to them, the
 step-time ratio is measured, the table merges saved runs and pairs seeds against dense; a bad
 change is refused before anything trains. benchmarks/vision_precision.py times each model in every
-precision and layout."""
+precision and layout; benchmarks/vision_condconv.py times each form of CondConv's mixed convolution."""
 
 from __future__ import annotations
 
@@ -211,3 +211,25 @@ def test_precision_benchmark_times_every_variant_in_its_own_precision_and_layout
     table = capsys.readouterr().out
     assert "| dense | fp32 | NCHW |" in table and "| dense | fp32 | channels_last |" in table
     assert "| - |" in table  # no bf16 + channels_last row to compare with
+
+
+def test_condconv_benchmark_times_each_form_it_names(cifar_data: Path, monkeypatch, capsys) -> None:
+    """Each timed layer step runs the form its column names (2 warm-up steps + 1 round, per E), the
+    network steps run condconv's two CondConv2d in the form picked for E = 2, and the table says
+    which form each E gets."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import vision_condconv
+
+    from moe_apps.vision import condconv
+
+    ran = []
+    for kind, form in list(condconv.MIXED_CONVS.items()):
+        monkeypatch.setitem(condconv.MIXED_CONVS, kind,
+                            lambda *args, _kind=kind, _form=form: ran.append(_kind) or _form(*args))
+    vision_condconv.main(["--experts", "1", "8", "--batch-size", "2", "--rounds", "1", "--step",
+                          "--data-dir", str(cifar_data)])
+    table = capsys.readouterr().out
+    assert ran.count("grouped") == 2 * 3 and ran.count("summed") == 2 * 3 + 2 * 3
+    rows = [line for line in table.splitlines() if line.startswith("| 1 |") or line.startswith("| 8 |")]
+    assert rows[0].endswith("| summed |") and rows[1].endswith("| grouped |")
+    assert "| condconv |" in table and "| dense |" in table and "| 1.00 |" in table
