@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vision_steps import interleaved_medians, training_steps  # noqa: E402
+from vision_steps import cpu_facts, cpu_line, interleaved_medians, training_steps  # noqa: E402
 
 
 def layer_steps(num_experts: int, batch_size: int, channels: int = 256, side: int = 7):
@@ -34,13 +34,14 @@ def layer_steps(num_experts: int, batch_size: int, channels: int = 256, side: in
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, channels, side, side, generator=g).to(memory_format=torch.channels_last)
+    x.requires_grad_()
     weight = torch.randn(num_experts, channels, channels, 3, 3, generator=g).mul_(0.02).requires_grad_()
     logits = torch.randn(batch_size, num_experts, generator=g).requires_grad_()
 
     def step(kind: str) -> float:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = MIXED_CONVS[kind](x.requires_grad_(), weight, logits.softmax(-1))
+            y = MIXED_CONVS[kind](x, weight, logits.softmax(-1))
         y.float().sum().backward()
         x.grad = weight.grad = logits.grad = None
         return time.perf_counter() - start
@@ -58,12 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if min(args.experts) < 1 or args.batch_size < 1 or args.rounds < 1:
         parser.error("--experts, --batch-size and --rounds must be at least 1")
-    import torch
-
     from moe_apps.vision.condconv import mixed_conv_kind
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU kernels {torch.backends.cpu.get_cpu_capability()}")
+    print(cpu_line(cpu_facts()))
     print("\n| E | grouped ms | summed ms | grouped / summed | form picked |\n|---|---|---|---|---|")
     for e in args.experts:
         median = interleaved_medians(layer_steps(e, args.batch_size), ["grouped", "summed"], args.rounds)

@@ -19,24 +19,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vision_steps import interleaved_medians, training_steps  # noqa: E402
+from vision_steps import cpu_facts, cpu_line, interleaved_medians, training_steps  # noqa: E402
 
 LAYOUTS = {"channels_last": True, "NCHW": False}
 DEFAULT = ("bf16", "channels_last")
-
-
-def cpu_facts() -> dict:
-    """torch's CPU kernel level and the AMX flags Linux reports (empty elsewhere)."""
-    import torch
-
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].splitlines()[0].split()
-    except (OSError, IndexError):
-        flags = []
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "amx": sorted(f for f in flags if f.startswith("amx")),
-            "avx512_bf16": "avx512_bf16" in flags}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,9 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    cpu = result["cpu"]
-    print(f"torch {cpu['torch']}, {cpu['threads']} threads, CPU kernels {cpu['cpu_capability']}, "
-          f"AMX: {', '.join(cpu['amx']) or 'none'}, avx512_bf16: {'yes' if cpu['avx512_bf16'] else 'no'}")
+    print(cpu_line(result["cpu"]))
     print(f"| model | precision | layout | ms per step (batch {args.batch_size}, median of {args.rounds}) "
           f"| images/s | x bf16 + channels_last |")
     print("|---|---|---|---|---|---|")

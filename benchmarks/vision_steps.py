@@ -1,9 +1,10 @@
 """Timing the vision nets' training steps, shared by benchmarks/vision_quality.py (``--step-time``:
-moe against dense, the step-time target of the vision issue) and benchmarks/vision_precision.py
-(bf16 or fp32, channels_last or NCHW). A step is forward, backward and an SGD step on the first
-``batch_size`` CIFAR-10 training images, in the recipe's precision and memory format; variants
-are timed interleaved in one process, so that a slower or busier moment of the machine hits
-all of them alike, and each is reported as its median.
+moe against dense, the step-time target of the vision issue), benchmarks/vision_precision.py
+(bf16 or fp32, channels_last or NCHW) and benchmarks/vision_condconv.py (condconv against dense),
+with the CPU facts each table is printed under. A step is forward, backward and an SGD step on
+the first ``batch_size`` CIFAR-10 training images, in the recipe's precision and memory format;
+variants are timed interleaved in one process, so that a slower or busier moment of the machine
+hits all of them alike, and each is reported as its median.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def training_steps(variants: dict[str, tuple[dict, dict]], batch_size: int,
@@ -79,3 +81,23 @@ def step_times(rounds: int, batch_size: int, data_dir: str | None, recipe: dict 
     return {"batch_size": batch_size, "rounds": rounds, "precision": resolved.precision,
             "channels_last": resolved.channels_last, "moe_s": median["moe"], "dense_s": median["dense"],
             "ratio": median["moe"] / median["dense"]}
+
+
+def cpu_facts() -> dict:
+    """torch's CPU kernel level and the AMX flags Linux reports (empty elsewhere)."""
+    import torch
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].splitlines()[0].split()
+    except (OSError, IndexError):
+        flags = []
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "amx": sorted(f for f in flags if f.startswith("amx")),
+            "avx512_bf16": "avx512_bf16" in flags}
+
+
+def cpu_line(facts: dict) -> str:
+    """`cpu_facts` in one line, printed above each timing table."""
+    return (f"torch {facts['torch']}, {facts['threads']} threads, CPU kernels {facts['cpu_capability']}, "
+            f"AMX: {', '.join(facts['amx']) or 'none'}, avx512_bf16: {'yes' if facts['avx512_bf16'] else 'no'}")

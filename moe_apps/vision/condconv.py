@@ -8,10 +8,11 @@ Convolution is linear in its kernel, so ``conv(x_b, sum_e p_be W_e) = sum_e p_be
   mixing weights and summed. E x the convolution's multiply-adds, but a plain dense convolution.
 
 Which runs is data (`MIXED_CONVS`) chosen by a pure function of E (`mixed_conv_kind`), measured
-by `benchmarks/vision_condconv.py` on two CPU cores (bf16 autocast, channels_last, batch 256,
-256 -> 256 channels at 7 x 7, forward and backward; docs/BENCHMARKS.md): the grouped form took
-3.42 x the summed one's time at E = 2, 1.70 x at E = 4 and 0.84 x at E = 8. The model's FLOPs
-(`flops_per_image`) count CondConv's arithmetic whichever form runs; the outputs agree to rounding.
+by `benchmarks/vision_condconv.py` on two CPU cores without AMX (bf16 autocast, channels_last,
+batch 256, 256 -> 256 channels at 7 x 7, forward and backward; docs/BENCHMARKS.md): the grouped
+form took 3.42 x the summed one's time at E = 2, 1.70 x at E = 4 and 0.84 x at E = 8 (on AMX
+cores the crossover may differ: not measured). The model's FLOPs (`flops_per_image`) count
+CondConv's arithmetic whichever form runs; the outputs agree to rounding.
 """
 
 from __future__ import annotations
